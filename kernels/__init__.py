@@ -1,0 +1,84 @@
+"""The one dispatch point for compute kernels.
+
+The model and the trainer call only the functions below. Each picks an implementation:
+  - "torch":  the plain-PyTorch reference (any device; the definition of correct);
+  - "triton": the fused Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
+The choice comes from set_backend(...) or the env var LANGSHIFT_KERNELS=torch|triton|auto;
+"auto" (default) uses Triton when the tensor is on CUDA and triton imports, torch otherwise.
+A forced backend that cannot run raises instead of silently falling back.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels.cross_entropy import linear_cross_entropy_reference
+from kernels.flash_attention import attention_reference  # noqa: F401  (the eager attention path)
+from kernels.rmsnorm import rms_norm_reference
+from kernels.rope import apply_rope_reference
+from kernels.swiglu import swiglu_reference
+
+BACKENDS = ("auto", "torch", "triton")
+_backend = os.environ.get("LANGSHIFT_KERNELS", "auto")
+
+
+def set_backend(name: str) -> None:
+    """Choose 'auto', 'torch' or 'triton' for every kernel."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"kernel backend {name!r} unknown; choose one of {BACKENDS}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the Triton path should run for tensor x under the current backend."""
+    if _backend not in BACKENDS:
+        raise ValueError(f"LANGSHIFT_KERNELS={_backend!r} unknown; choose one of {BACKENDS}")
+    if _backend == "torch":
+        return False
+    if _backend == "auto":
+        return x.is_cuda and _triton_available()
+    if not _triton_available():
+        raise RuntimeError("kernel backend 'triton' forced but triton is not installed: pip install triton")
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("kernel backend 'triton' on CPU tensors needs TRITON_INTERPRET=1")
+    return True
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x[..., D], weight[D] -> [..., D]."""
+    return rms_norm_reference(x, weight, eps)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q[B,Hq,T,hd], k[B,Hkv,T,hd], cos/sin[B,T,hd] -> rotated (q, k)."""
+    return apply_rope_reference(q, k, cos, sin)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up."""
+    return swiglu_reference(gate, up)
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """Causal GQA attention without a padding mask: q[B,Hq,T,hd], k/v[B,Hkv,S,hd] -> [B,Hq,T,hd]."""
+    return attention_reference(q, k, v, causal=causal)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = -100, chunk_size: int = 4096) -> torch.Tensor:
+    """hidden[N,D], weight[V,D], targets[N] -> mean CE over tokens whose target != ignore_index."""
+    return linear_cross_entropy_reference(hidden, weight, targets, ignore_index, chunk_size)

@@ -1,0 +1,202 @@
+"""Load a model + tokenizer from an HF folder or a GGUF file; save in HF format.
+
+Loading builds the model on the meta device (no memory, no random init) and then fills it one
+tensor at a time from safetensors' memory map (or the GGUF dequantiser), so peak memory stays
+near one copy of the weights. Saving writes an HF folder (config.json, safetensors shards with an
+index above `max_shard_bytes`, tokenizer files) that loads back here and in transformers; it is
+written to a temporary folder and renamed into place, so a crash never leaves half a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model.config import LlamaConfig
+from model.llama import Llama
+from model.tokenizer import load_tokenizer, tokenizer_from_gguf
+
+# Tensors some checkpoints carry that the model recomputes instead of storing.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+         attention: str | None = None):
+    """path: an HF folder or a .gguf file -> (Llama in eval mode, Tokenizer).
+
+    dtype: None keeps the stored dtype (float32 for GGUF, whose quantised weights are dequantised).
+    attention: sdpa | eager | triton (default: the config's, sdpa).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if path.suffix == ".gguf":
+        from model.gguf import GGUFFile, iter_hf_tensors, llama_hf_config
+        gguf = GGUFFile(path)
+        config = LlamaConfig.from_hf(llama_hf_config(gguf), source=str(path))
+        tokenizer = tokenizer_from_gguf(gguf.metadata)
+        tokenizer.chat_template = gguf.metadata.get("tokenizer.chat_template")
+        tensors = iter_hf_tensors(gguf)
+    elif path.is_dir():
+        config = LlamaConfig.from_hf(_read_json(path / "config.json"), source=str(path / "config.json"))
+        tokenizer = load_tokenizer(path)
+        tokenizer.chat_template = _load_chat_template(path)
+        tensors = _iter_safetensors(path)
+    else:
+        raise ValueError(f"{path}: expected an HF model folder or a .gguf file")
+    if attention:
+        config.attention = attention
+    model = _build(config, tensors, dtype, torch.device(device), str(path))
+    return model.eval(), tokenizer
+
+
+def _read_json(file: Path) -> dict:
+    if not file.exists():
+        raise FileNotFoundError(f"{file} not found (an HF model folder needs config.json)")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
+
+
+def _iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from model.safetensors or the shards named by its index."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+    elif (folder / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    for name in files:
+        if not (folder / name).exists():
+            raise FileNotFoundError(f"{folder / name} listed in the index but missing")
+        with safe_open(folder / name, framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def _build(config: LlamaConfig, tensors, dtype, device: torch.device, source: str) -> Llama:
+    with torch.device("meta"):
+        model = Llama(config)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = set()
+    for name, tensor in tensors:
+        if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if name not in params:
+            raise ValueError(f"{source}: unknown tensor {name!r} (not part of a LLaMA model)")
+        expected = tuple(params[name].shape)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
+                             f"the config implies {expected}")
+        _set_param(model, name, tensor.to(device=device, dtype=dtype or tensor.dtype))
+        loaded.add(name)
+    if config.tie_embeddings:
+        # One matrix serves both: whichever name the file stored it under fills both.
+        shared = model.model.embed_tokens.weight if "model.embed_tokens.weight" in loaded else model.lm_head.weight
+        model.model.embed_tokens.weight = model.lm_head.weight = shared
+        loaded |= {"model.embed_tokens.weight", "lm_head.weight"}
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return model
+
+
+def _set_param(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, attr, torch.nn.Parameter(value, requires_grad=getattr(module, attr).requires_grad))
+
+
+def state_dict_for_save(model: Llama) -> dict[str, torch.Tensor]:
+    """HF-named tensors, contiguous, with the tied head stored once (as HF does)."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def save(model: Llama, tokenizer, folder: str | os.PathLike, max_shard_bytes: int = 5 * 2**30,
+         dtype: torch.dtype | None = None) -> Path:
+    """Write an HF folder: config.json, generation_config.json, model(-0000k-of-0000n).safetensors
+    (+ index when sharded), tokenizer files. Atomic: built beside `folder`, then renamed."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        state = state_dict_for_save(model)
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        _write_shards(state, tmp, max_shard_bytes)
+        config = model.config.to_hf()
+        config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        gen = {"bos_token_id": model.config.bos_id, "eos_token_id": model.config.eos_id}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+            _store_chat_template(tmp, getattr(tokenizer, "chat_template", None))
+        _replace_folder(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _replace_folder(new: Path, folder: Path) -> None:
+    """Move `new` to `folder`; an old `folder` is moved aside first and deleted only after, so
+    at every instant one complete checkpoint exists under a known name."""
+    old = None
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        os.replace(folder, old)
+    os.replace(new, folder)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _store_chat_template(folder: Path, jinja: str | None) -> None:
+    """Keep the model's own Jinja chat template in tokenizer_config.json (transformers reads it
+    there; we read the default system prompt from it)."""
+    if not jinja:
+        return
+    file = folder / "tokenizer_config.json"
+    config = json.loads(file.read_text()) if file.exists() else {}
+    config["chat_template"] = jinja
+    file.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
+
+def _load_chat_template(folder: Path) -> str | None:
+    file = folder / "tokenizer_config.json"
+    return _read_json(file).get("chat_template") if file.exists() else None
+
+
+def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / file, metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
