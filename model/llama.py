@@ -88,16 +88,23 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-def attention_mask(T: int, S: int, key_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+def attention_mask(T: int, S: int, key_mask: torch.Tensor | None, device,
+                   segments: torch.Tensor | None = None) -> torch.Tensor | None:
     """Bool [B or 1, 1, T, S] (True = may attend) or None when plain causal attention suffices.
 
     Query t sits at absolute position S-T+t and sees keys up to it (causal), minus padded keys.
     A left-padding query that would see no key at all is let to see itself: its output is never
     used, and this keeps softmax free of NaN.
+    segments[B,T] (training, T == S): document id of each token of a packed block; a token sees
+    only earlier tokens of its own document, so packed documents never attend to each other.
     """
-    if key_mask is None and T == S:
+    if key_mask is None and segments is None and T == S:
         return None
     allowed = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)[None, None]
+    if segments is not None:
+        if T != S:
+            raise ValueError("segments (packed documents) work without a KV cache only")
+        allowed = allowed & (segments[:, None, :, None] == segments[:, None, None, :]).to(device)
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, None, :S].to(device)
         diagonal = torch.zeros(T, S, dtype=torch.bool, device=device)
@@ -193,12 +200,14 @@ class Llama(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, key_mask: torch.Tensor | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, segments: torch.Tensor | None = None) -> torch.Tensor:
         """tokens[B,T] -> logits[B,T,V] (or final hidden states [B,T,D] if return_hidden).
 
         positions[B,T]: rotary positions (default: cache.length + 0..T-1).
         cache: a KVCache; the new keys/values are appended and cache.length advances by T.
         key_mask[B,S]: False at padded key positions (S = cache length + T); None = no padding.
+        segments[B,T]: document ids of a packed training block (see `attention_mask`); pass
+        positions that restart at 0 for each document with it.
         """
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
@@ -206,7 +215,7 @@ class Llama(nn.Module):
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
         x = self.model.embed_tokens(tokens)
         cos, sin = rope_cos_sin(rope_inv_freq(self.config, tokens.device), positions, x.dtype)
-        mask = attention_mask(T, start + T, key_mask, tokens.device)
+        mask = attention_mask(T, start + T, key_mask, tokens.device, segments)
         for block in self.model.layers:
             if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)

@@ -125,3 +125,20 @@ def test_presets_have_published_sizes(name):
     with torch.device("meta"):
         n = Llama(preset(name)).num_params()
     assert abs(n - published[name]) / published[name] < 0.01
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_documents_do_not_see_each_other(attention):
+    """Two documents packed in one block with segment ids and restarted positions give the
+    logits each document gets on its own."""
+    model = Llama(preset("tiny", attention=attention)).init_weights(seed=3).eval()
+    a, b = torch.randint(0, model.config.vocab_size, (1, 5)), torch.randint(0, model.config.vocab_size, (1, 7))
+    packed = torch.cat([a, b], 1)
+    segments = torch.tensor([[0] * 5 + [1] * 7])
+    positions = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    with torch.no_grad():
+        got = model(packed, positions=positions, segments=segments)
+        want = torch.cat([model(a), model(b)], 1)
+        crossed = model(packed)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (crossed[:, 5:] - want[:, 5:]).abs().max() > 1e-3  # without segments b sees a
