@@ -34,27 +34,44 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
     dtype: None keeps the stored dtype (float32 for GGUF, whose quantised weights are dequantised).
     attention: sdpa | eager | triton (default: the config's, sdpa).
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist")
+    path = _existing(path)
     if path.suffix == ".gguf":
         from model.gguf import GGUFFile, iter_hf_tensors, llama_hf_config
         gguf = GGUFFile(path)
         config = LlamaConfig.from_hf(llama_hf_config(gguf), source=str(path))
-        tokenizer = tokenizer_from_gguf(gguf.metadata)
-        tokenizer.chat_template = gguf.metadata.get("tokenizer.chat_template")
         tensors = iter_hf_tensors(gguf)
-    elif path.is_dir():
-        config = LlamaConfig.from_hf(_read_json(path / "config.json"), source=str(path / "config.json"))
-        tokenizer = load_tokenizer(path)
-        tokenizer.chat_template = _load_chat_template(path)
-        tensors = _iter_safetensors(path)
     else:
-        raise ValueError(f"{path}: expected an HF model folder or a .gguf file")
+        config = LlamaConfig.from_hf(_read_json(path / "config.json"), source=str(path / "config.json"))
+        tensors = _iter_safetensors(path)
     if attention:
         config.attention = attention
+    tokenizer = load_tokenizer_only(path)
     model = _build(config, tensors, dtype, torch.device(device), str(path))
     return model.eval(), tokenizer
+
+
+def load_tokenizer_only(path: str | os.PathLike):
+    """The tokenizer (with its stored Jinja chat_template) of an HF folder or .gguf file, without
+    building the model: enough to tokenise a corpus."""
+    path = _existing(path)
+    if path.suffix == ".gguf":
+        from model.gguf import GGUFFile
+        metadata = GGUFFile(path).metadata
+        tokenizer = tokenizer_from_gguf(metadata)
+        tokenizer.chat_template = metadata.get("tokenizer.chat_template")
+    else:
+        tokenizer = load_tokenizer(path)
+        tokenizer.chat_template = _load_chat_template(path)
+    return tokenizer
+
+
+def _existing(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if not (path.is_dir() or path.suffix == ".gguf"):
+        raise ValueError(f"{path}: expected an HF model folder or a .gguf file")
+    return path
 
 
 def _read_json(file: Path) -> dict:

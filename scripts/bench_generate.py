@@ -1,0 +1,142 @@
+"""Benchmark: our batched generation vs transformers `generate`, same weights, same prompts.
+
+    python scripts/bench_generate.py                       # SmolLM2-135M-Instruct, 4 prompts, 64 new tokens
+    python scripts/bench_generate.py --batch 8 --new-tokens 128 --device cuda --dtype bfloat16
+
+The model is loaded once by us (GGUF or HF folder), written as an HF folder, and each side loads
+that folder. Each side runs in its own child process so that its peak memory is its own: on CUDA
+torch.cuda.max_memory_allocated, on CPU the peak resident set size of the process (weights and
+the Python runtime included). Greedy decoding with no stop token, so both sides produce exactly
+batch x new_tokens tokens; the script checks that both produced the same tokens.
+This is a benchmark, not a test: it prints numbers, it asserts nothing about speed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
+
+import torch  # noqa: E402
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "請用繁體中文介紹台北。",
+    "อธิบายการสังเคราะห์แสงสั้น ๆ",
+    "Give three tips for learning a new language.",
+    "Explain what a KV cache is in one paragraph.",
+    "List the planets of the solar system.",
+    "Why is the sky blue?",
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="HF folder or .gguf (default: SmolLM2-135M-Instruct GGUF)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per side (after one warm-up)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--side", choices=["ours", "transformers"], help=argparse.SUPPRESS)
+    p.add_argument("--folder", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def peak_memory_mib(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def timed(fn, repeats: int, device: str):
+    """Run fn once to warm up, then `repeats` times; -> (best seconds, last output)."""
+    out = fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def run_side(args) -> dict:
+    """Child process: load the HF folder with one library, generate, report JSON on stdout."""
+    from model.chat import get_template
+    from model.checkpoint import load_tokenizer_only
+    dtype = getattr(torch, args.dtype)
+    tokenizer = load_tokenizer_only(args.folder)
+    template = get_template(tokenizer)
+    prompts = [template.render([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], add_generation_prompt=True)
+               for i in range(args.batch)]
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    if args.side == "ours":
+        from model.checkpoint import load
+        from model.generate import Sampling, generate
+        model, _ = load(args.folder, dtype=dtype, device=args.device)
+        sampling = Sampling(max_new_tokens=args.new_tokens, temperature=0.0, stop_ids=[])
+        seconds, out = timed(lambda: generate(model, prompts, sampling, pad_id=pad), args.repeats, args.device)
+    else:
+        import transformers
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.folder, dtype=dtype).to(args.device).eval()
+        P = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts], device=args.device)
+        mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=args.device)
+
+        def hf_generate():
+            with torch.inference_mode():
+                full = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                      min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=pad)
+            return full[:, P:].tolist()
+        seconds, out = timed(hf_generate, args.repeats, args.device)
+    return {"seconds": seconds, "tokens": args.batch * args.new_tokens, "peak_mib": peak_memory_mib(args.device),
+            "out": out}
+
+
+def child(args, side: str, folder: Path) -> dict:
+    cmd = [sys.executable, __file__, "--side", side, "--folder", str(folder), "--batch", str(args.batch),
+           "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--device", args.device,
+           "--dtype", args.dtype]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{side} side failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.side:
+        print(json.dumps(run_side(args)))
+        return
+    from model import assets
+    from model.checkpoint import load, save
+    source = args.model or assets.smollm2_gguf()
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tokenizer = load(source)
+        folder = save(model, tokenizer, Path(tmp) / "hf")
+        del model
+        results = {side: child(args, side, folder) for side in ("ours", "transformers")}
+    same = results["ours"]["out"] == results["transformers"]["out"]
+    print(f"model {source}\ndevice {args.device}, {args.dtype}, batch {args.batch}, {args.new_tokens} new tokens, "
+          f"best of {args.repeats}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'side':<14}{'tokens/s':>10}{'seconds':>10}{'peak MiB':>10}")
+    for side, r in results.items():
+        print(f"{side:<14}{r['tokens'] / r['seconds']:>10.1f}{r['seconds']:>10.2f}{r['peak_mib']:>10.0f}")
+    ours, theirs = results["ours"], results["transformers"]
+    print(f"speed ratio ours/transformers: {theirs['seconds'] / ours['seconds']:.2f}x; "
+          f"memory ratio: {ours['peak_mib'] / theirs['peak_mib']:.2f}; same tokens: {same}")
+
+
+if __name__ == "__main__":
+    main()
