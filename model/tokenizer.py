@@ -60,6 +60,12 @@ class Tokenizer:
         raise NotImplementedError
 
     # --- shared ----------------------------------------------------------------------------
+    @property
+    def add_bos(self) -> bool:
+        """Whether plain text starts with BOS for this model (LLaMA-2/3: yes). Callers encoding
+        raw text pass encode(text, bos=tokenizer.add_bos)."""
+        return self.bos_id is not None
+
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Plain text -> ids, optionally with one BOS in front and one EOS at the end."""
         ids = self._encode(text)
@@ -300,6 +306,13 @@ class BPETokenizer(Tokenizer):
         self._id_to_piece = {i: s for s, i in model["vocab"].items()}
         self.unk_id = model["vocab"].get(model.get("unk_token")) if model.get("unk_token") else None
         self.vocab_size = 1 + max(list(self._id_to_piece) + list(self.special_tokens.values()))
+
+    @property
+    def add_bos(self) -> bool:
+        """True when the tokenizer.json post-processor puts a special token first (LLaMA-3,
+        TinyStories). SmolLM2 has a bos_id (<|im_start|>) but its plain text starts without one."""
+        single = (self.spec.get("post_processor") or {}).get("single") or []
+        return self.bos_id is not None and bool(single) and "SpecialToken" in single[0]
 
     def _encode(self, text: str) -> list[int]:
         ids: list[int] = []
