@@ -1,0 +1,158 @@
+"""Data file(s) -> format -> (optional perplexity filter) -> token file. One function, one CLI:
+
+    python -m data.prepare --inputs data/samples/zh_tw.txt --format inscp \\
+        --tokenizer <model or tokenizer path> --out runs/tokens/inscp/
+
+Record kinds by format: inscp / orgcp read texts (.txt, or a .jsonl text field) or instruction
+data (question and answer become separate samples); sft and recovery read instruction data;
+tcot reads .jsonl {query, en_query, en_answer, answer}; translation reads .jsonl pairs from
+source_field / target_field.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from data.filter import perplexity_filter
+from data.formats import FORMATS, TEXT_FORMATS, format_records
+from data.readers import DataError, InstructionFields, read_conversations, read_jsonl, read_texts
+from data.tokenfile import tokenizer_identity, write_token_file
+
+TCOT_FIELDS = ("query", "en_query", "en_answer", "answer")
+
+
+@dataclass
+class PrepareConfig:
+    inputs: list[str] = field(default_factory=list)  # data files, read in order
+    out: str = "runs/tokens/"                        # token file folder (or prefix)
+    format: str = "inscp"                            # inscp | orgcp | sft | tcot | recovery | translation
+    tokenizer: str = ""                              # tokenizer file/folder or .gguf (default: SmolLM2)
+    template: str | None = None                      # llama2 | llama3 | chatml (default: detected)
+    system: str | None = None                        # default system prompt for chat formats
+    text_field: str = "text"                         # .jsonl texts
+    paragraphs: bool = False                         # .txt: blank-line separated paragraphs
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    source_field: str = "source"                     # translation pairs
+    target_field: str = "target"
+    source_lang: str = "English"
+    target_lang: str = "Thai"
+    vocab_size: int | None = None                    # id bound (default: the tokenizer's)
+    ppl_model: str = ""                              # model (.gguf / HF folder) for the PPL filter
+    ppl_threshold: float = 15.0                      # keep samples with PPL <= this (InsCP: 15)
+    ppl_batch_size: int = 8
+    device: str = "cpu"                              # where the PPL model runs
+
+
+def _jsonl_dicts(path: Path, names: dict[str, str]) -> Iterator[dict]:
+    """{our name: record[file's name]} for each record; a missing field names file:line."""
+    for number, record in read_jsonl(path):
+        missing = [src for src in names.values() if not isinstance(record.get(src), str)]
+        if missing:
+            raise DataError(f"{path}:{number}: field {missing[0]!r} missing or not a string "
+                            f"(fields: {', '.join(sorted(record))})")
+        yield {ours: record[src] for ours, src in names.items()}
+
+
+def _is_text_jsonl(path: Path, text_field: str) -> bool:
+    first = next(iter(read_jsonl(path)))[1]
+    return text_field in first
+
+
+def read_records(cfg: PrepareConfig) -> Iterator:
+    """Every input file's records, in the form format_records expects for cfg.format."""
+    fields = InstructionFields(cfg.instruction_field, cfg.input_field, cfg.output_field)
+    for path in map(Path, cfg.inputs):
+        if cfg.format in TEXT_FORMATS:
+            if path.suffix != ".jsonl" or _is_text_jsonl(path, cfg.text_field):
+                yield from read_texts(path, cfg.text_field, cfg.paragraphs)
+            else:
+                yield from read_conversations(path, fields)
+        elif cfg.format in ("sft", "recovery"):
+            yield from read_conversations(path, fields)
+        elif cfg.format == "tcot":
+            yield from _jsonl_dicts(path, {k: k for k in TCOT_FIELDS})
+        else:
+            yield from _jsonl_dicts(path, {"source": cfg.source_field, "target": cfg.target_field})
+
+
+def prepare(cfg: PrepareConfig, tokenizer, template=None, score=None, progress: bool = True) -> dict:
+    """Write cfg.inputs as a token file at cfg.out in cfg.format; return its meta.
+
+    template: a model.chat.ChatTemplate (needed by all formats but orgcp).
+    score: optional perplexity scorer (data.filter); samples above cfg.ppl_threshold are dropped.
+    """
+    if cfg.format not in FORMATS:
+        raise ValueError(f"unknown format {cfg.format!r}: choose one of {', '.join(FORMATS)}")
+    if not cfg.inputs:
+        raise ValueError("no input data files given")
+    options = {}
+    if cfg.format == "translation":
+        options = {"source_lang": cfg.source_lang, "target_lang": cfg.target_lang}
+    samples = format_records(read_records(cfg), cfg.format, tokenizer, template, **options)
+    stats: dict = {}
+    if score is not None:
+        samples = perplexity_filter(samples, score, cfg.ppl_threshold, cfg.ppl_batch_size, stats=stats)
+    extra = {"inputs": [str(p) for p in cfg.inputs], "template": getattr(template, "name", None),
+             "system": getattr(template, "system", None) if cfg.format not in TEXT_FORMATS else None}
+    if score is not None:
+        # the filter fills `stats` while the writer consumes the samples, before meta.json is written
+        extra["ppl_filter"] = {"threshold": cfg.ppl_threshold, "model": cfg.ppl_model, "counts": stats}
+    try:
+        return write_token_file(samples, cfg.out, cfg.vocab_size or tokenizer.vocab_size,
+                                tokenizer_identity(tokenizer), cfg.format, extra=extra, progress=progress)
+    except ValueError as err:
+        if stats.get("dropped") and not stats.get("kept"):
+            raise DataError(f"the perplexity filter dropped all {stats['dropped']} samples (PPL > "
+                            f"{cfg.ppl_threshold} under {cfg.ppl_model or 'the scorer'}): raise "
+                            "--ppl-threshold or filter with a model that knows the language") from err
+        raise
+
+
+def load_any_tokenizer(path: str):
+    """A tokenizer from a .gguf file or model folder (with its chat template), a tokenizer file,
+    or, for "", the demo model SmolLM2-135M-Instruct."""
+    from model import assets
+    from model.checkpoint import load_tokenizer_only
+    from model.tokenizer import load_tokenizer
+    p = Path(path) if path else assets.smollm2_gguf()
+    return load_tokenizer_only(p) if p.suffix == ".gguf" or p.is_dir() else load_tokenizer(p)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(PrepareConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "inputs":
+            parser.add_argument(flag, nargs="+", required=True)
+        elif f.type == "bool":
+            parser.add_argument(flag, action="store_true")
+        elif f.name == "vocab_size":
+            parser.add_argument(flag, type=int, default=None)
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            parser.add_argument(flag, type=kind, default=f.default)
+    cfg = PrepareConfig(**vars(parser.parse_args(argv)))
+    from model.chat import get_template
+    tokenizer = load_any_tokenizer(cfg.tokenizer)
+    template = get_template(tokenizer, cfg.template, cfg.system) if cfg.format != "orgcp" else None
+    score = None
+    if cfg.ppl_model:
+        # The model's own perplexity (InsCP): same tokenizer, so its ids are the samples' ids.
+        from model.checkpoint import load
+        from data.filter import llama_scorer
+        model, _ = load(cfg.ppl_model, device=cfg.device)
+        score = llama_scorer(model, pad_id=tokenizer.pad_id or 0)
+    meta = prepare(cfg, tokenizer, template, score)
+    print(f"wrote {cfg.out}: {meta['n_docs']} samples, {meta['n_tokens']} tokens "
+          f"({meta['n_loss_tokens']} with loss), {meta['dtype']}"
+          + (f"; PPL filter kept {meta['ppl_filter']['counts']}" if score else ""))
+    return meta
+
+
+if __name__ == "__main__":
+    main()
