@@ -1,0 +1,58 @@
+"""Perplexity of held-out text, plain or wrapped in the InsCP chat template.
+
+    PPL = exp( total negative log-likelihood / number of scored tokens )
+
+over all texts together (token-weighted, as the loss of a language model is), plus each text's
+own PPL (InsCP keeps only instruction data whose PPL under the model itself is <= 15).
+
+Plain:  [BOS] text            every token after BOS is scored.
+InsCP:  the chat template with an empty user turn and the text as the assistant turn, no system
+        prompt (DESIGN.md), e.g. for Llama-3
+        <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n<|eot_id|>
+        <|start_header_id|>assistant<|end_header_id|>\\n\\n{text}<|eot_id|>
+        Only the text and its end-of-turn token are scored (the template's own tokens are
+        predictable and would flatter the number).
+Texts longer than the model's context (or max_len) are cut to their first max_len tokens.
+"""
+from __future__ import annotations
+
+import math
+
+from eval.common import encode_with_bos, max_len_of, score_tokens
+
+
+def inscp_ids(tokenizer, text: str, template=None) -> tuple[list[int], list[bool]]:
+    """(ids, scored) of text in the InsCP form; scored marks the assistant's text + end-of-turn."""
+    from model.chat import get_template
+    template = template or get_template(tokenizer)
+    messages = [{"role": "user", "content": ""}, {"role": "assistant", "content": text}]
+    return template.render_with_mask(messages, add_generation_prompt=False, default_system=False)
+
+
+def perplexity(model, tokenizer, texts: list[str], form: str = "plain", template=None,
+               max_len: int | None = None, batch_size: int = 8, desc: str | None = "perplexity") -> dict:
+    """-> {"ppl", "nll", "tokens", "n", "form", "per_text_ppl": [...]}. form: plain | inscp."""
+    if not texts:
+        raise ValueError("no texts to score")
+    limit = min(max_len or max_len_of(model), max_len_of(model))
+    seqs, targets = [], []
+    for text in texts:
+        if form == "plain":
+            ids = encode_with_bos(tokenizer, text)
+            scored = [False] + [True] * (len(ids) - 1)
+        elif form == "inscp":
+            ids, scored = inscp_ids(tokenizer, text, template)
+        else:
+            raise ValueError(f"form must be 'plain' or 'inscp', got {form!r}")
+        seqs.append(ids[:limit])
+        targets.append(scored[:limit])
+    results = score_tokens(model, seqs, targets, batch_size=batch_size, desc=desc)
+    total_logp = sum(s for s, _ in results)
+    total_tokens = sum(n for _, n in results)
+    if total_tokens == 0:
+        raise ValueError("no token was scored (texts empty after tokenisation?)")
+    nll = -total_logp / total_tokens
+    return {
+        "ppl": math.exp(nll), "nll": nll, "tokens": total_tokens, "n": len(texts), "form": form,
+        "per_text_ppl": [math.exp(-s / n) if n else float("nan") for s, n in results],
+    }
