@@ -80,11 +80,14 @@ def read_records(cfg: PrepareConfig) -> Iterator:
             yield from _jsonl_dicts(path, {"source": cfg.source_field, "target": cfg.target_field})
 
 
-def prepare(cfg: PrepareConfig, tokenizer, template=None, score=None, progress: bool = True) -> dict:
+def prepare(cfg: PrepareConfig, tokenizer, template=None, score=None, progress: bool = True,
+            keep_record=None) -> dict:
     """Write cfg.inputs as a token file at cfg.out in cfg.format; return its meta.
 
     template: a model.chat.ChatTemplate (needed by all formats but orgcp).
     score: optional perplexity scorer (data.filter); samples above cfg.ppl_threshold are dropped.
+    keep_record(i) -> bool: keep only the input records whose running index i passes (e.g. a
+    train/eval split; the split is by record, before formatting, so a QA pair stays together).
     """
     if cfg.format not in FORMATS:
         raise ValueError(f"unknown format {cfg.format!r}: choose one of {', '.join(FORMATS)}")
@@ -93,7 +96,10 @@ def prepare(cfg: PrepareConfig, tokenizer, template=None, score=None, progress: 
     options = {}
     if cfg.format == "translation":
         options = {"source_lang": cfg.source_lang, "target_lang": cfg.target_lang}
-    samples = format_records(read_records(cfg), cfg.format, tokenizer, template, **options)
+    records = read_records(cfg)
+    if keep_record is not None:
+        records = (r for i, r in enumerate(records) if keep_record(i))
+    samples = format_records(records, cfg.format, tokenizer, template, **options)
     stats: dict = {}
     if score is not None:
         samples = perplexity_filter(samples, score, cfg.ppl_threshold, cfg.ppl_batch_size, stats=stats)

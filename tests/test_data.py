@@ -402,9 +402,9 @@ def test_bundled_sample_prepares_and_loads(tmp_path):
     assert len(texts) >= 60 and all(any("\u4e00" <= c <= "\u9fff" for c in t) for t in texts)
     template = get_template(TOK, "llama3")
     cfg = PrepareConfig(inputs=[str(folder / "zh_tw.txt"), str(folder / "zh_tw_qa.jsonl")], out=str(tmp_path / "tok/"),
-                        format="inscp", instruction_field="question", output_field="answer")
+                        format="inscp")
     meta = prepare(cfg, TOK, template, progress=False)
-    n_qa = len(list(read_conversations(folder / "zh_tw_qa.jsonl", InstructionFields("question", output="answer"))))
+    n_qa = len(list(read_conversations(folder / "zh_tw_qa.jsonl")))
     assert meta["n_docs"] == len(texts) + 2 * n_qa and meta["n_loss_tokens"] == meta["n_tokens"]
     loader = BatchLoader(PackedDataset(cfg.out, 64, tokenizer=TOK), 2)
     assert loader.next_batch()["tokens"].shape == (2, 64)

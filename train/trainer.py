@@ -1,0 +1,406 @@
+"""The one training loop every method uses: FSDP2, per-token gradient accumulation, checkpoints.
+
+    trainer = Trainer(model, config, train_loader, eval_loader=None, tokenizer=None)
+    trainer.fit()
+
+What happens, in order:
+  1. The model (a plain `Llama`, possibly with LoRA applied and base weights frozen) is wrapped
+     with its loss in `CausalLMLoss`, and sharded from outside with FSDP2: `fully_shard` on each
+     block, then on the root. With one process this is a one-rank group (train/distributed.py),
+     so the same code runs at every world size. The model itself knows nothing of this.
+  2. AdamW (no decay on 1-D params) and a cosine schedule with warm-up (train/optim.py).
+  3. Each optimizer step reads `grad_accum` micro-batches per rank. The loss of a step is the mean
+     over *every loss token of the global batch*, so micro-batches and ranks holding more loss
+     tokens weigh more (the trap: averaging per-micro-batch means gives each micro-batch equal
+     weight, which changes the gradient whenever label masks differ). Concretely: count the loss
+     tokens of the whole step across ranks first (one all-reduce), then backprop each micro-batch's
+     *summed* loss divided by that global count, and let FSDP *sum* (not average) gradients over
+     ranks. The result equals one big batch holding all micro-batches of all ranks.
+  4. Gradient clipping on the global norm (DTensor-aware), a NaN/inf guard, metrics, periodic
+     eval and checkpoints (train/checkpointing.py); at the end the merged model in HF format and,
+     with LoRA, the adapter.
+
+Batches: any object with next_batch() -> {tokens[B,T], labels[B,T] (already shifted, -100 = no
+loss), positions[B,T] (optional), segments[B,T] (optional)}, state_dict(), load_state_dict().
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from tqdm import tqdm
+
+import kernels
+from train import distributed
+from train.checkpointing import CheckpointManager, frozen_fingerprint, rng_state, set_rng_state
+from train.config import TrainConfig, config_hash, hashed_fields, save_config
+from train.errors import TrainError, TrainingDiverged
+from train.faults import fault_point, inject_nan
+from train.optim import build_optimizer, build_scheduler
+
+IGNORE_INDEX = -100
+
+
+class CausalLMLoss(nn.Module):
+    """The language model and its next-token loss as one module.
+
+    Why a wrapper: the fused head + cross-entropy takes the head weight directly (it never builds
+    the full [N, V] logits). FSDP gathers a module's weights only inside that module's forward, so
+    the loss must run inside the root module's forward to see the gathered head weight.
+    """
+
+    def __init__(self, lm: nn.Module, chunk_size: int = 4096):
+        super().__init__()
+        self.lm = lm
+        self.chunk_size = chunk_size
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens/labels[B,T] -> fp32 scalar: the SUM of cross-entropy over tokens with label != -100.
+
+        A sum, not a mean, so the caller can normalise by the loss-token count of the whole step.
+        """
+        hidden = self.lm(tokens, positions=positions, segments=segments, return_hidden=True)  # [B,T,D]
+        flat = labels.reshape(-1)
+        count = (flat != IGNORE_INDEX).sum()
+        mean = kernels.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm.lm_head.weight,
+                                            flat, IGNORE_INDEX, self.chunk_size)
+        # The kernel divides by max(count, 1); multiplying back gives the exact sum (0 if no loss token).
+        return mean.float() * count
+
+
+def shard_model(module: nn.Module, blocks: nn.ModuleList, device: torch.device, mixed_precision: str) -> nn.Module:
+    """Apply FSDP2 in place: fully_shard each block, then the root (embeddings, final norm, head).
+
+    Parameters' requires_grad must be final before this (FSDP records it per parameter).
+    Gradients are SUMMED across ranks (divide factor 1): the loss is already divided by the
+    global token count, so FSDP's default average would divide by the world size a second time.
+    """
+    world = distributed.dist.get_world_size()
+    mesh = init_device_mesh(device.type, (world,))
+    use_bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
+    # bf16 weights in forward/backward, fp32 gradient reduction and fp32 master weights/optimizer.
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if use_bf16 else None,
+                              reduce_dtype=torch.float32 if use_bf16 else None)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(module, mesh=mesh, mp_policy=mp)
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
+    return module
+
+
+class Trainer:
+    """Train `model` (a Llama, optionally with LoRA) on batches from `train_loader`.
+
+    The model is sharded in place; after fit() use the exported folders (out_dir/final,
+    out_dir/adapter) or `full_state_dict()`. Pass dist_info from distributed.init() (or
+    distributed.session()); without it the Trainer calls init() itself, which makes a one-rank
+    group when none exists (close() ends it).
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, train_loader, eval_loader=None,
+                 tokenizer=None, dist_info: distributed.DistInfo | None = None):
+        self.config = config
+        self.train_loader, self.eval_loader, self.tokenizer = train_loader, eval_loader, tokenizer
+        self.dist = dist_info or distributed.init()
+        self.out_dir = Path(config.out_dir)
+        self.lm_config = model.config
+        self.lora_config = dict(getattr(model, "lora_config", None) or {}) or None
+        self.run_hash = config_hash(config, extra=self._model_identity(model))
+        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", config.keep_last)
+        self.step = 0
+        self.tokens_seen = 0
+        self.elapsed_before = 0.0  # wall seconds of earlier runs of this same training (resume)
+        self._t0 = time.perf_counter()
+        self.history: list[dict] = []  # every record written to metrics.jsonl by this process
+        self.last_checkpoint: str | None = None
+
+        resume_from = self._check_out_dir()
+
+        # Master weights and optimizer state in fp32 (compute dtype is FSDP's mixed precision).
+        if any(p.dtype != torch.float32 for p in model.parameters()):
+            model.float()
+        model.checkpoint_blocks = config.activation_checkpointing
+        self.model = shard_model(CausalLMLoss(model, config.loss_chunk_size), model.model.layers,
+                                 self.dist.device, config.mixed_precision)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay,
+                                         (config.beta1, config.beta2), config.adam_eps)
+        self.scheduler = build_scheduler(self.optimizer, config.lr, config.min_lr, config.warmup_steps,
+                                         config.max_steps)
+        torch.manual_seed(config.seed + self.dist.rank)  # dropout differs across ranks, as data does
+
+        if resume_from:
+            self._resume(resume_from)
+        elif self.dist.is_main:  # a fresh run: drop the curve of an earlier attempt that never checkpointed
+            _truncate_metrics(self.out_dir / "metrics.jsonl", 0)
+        if self.dist.is_main:
+            save_config(config, self.out_dir / "config.json",
+                        extra={"config_hash": self.run_hash, "world_size": self.dist.world_size,
+                               "model": self.lm_config.to_hf(), "lora": self.lora_config})
+
+    # ---- setup -----------------------------------------------------------------------------
+    def _model_identity(self, model: nn.Module) -> dict:
+        """What, besides the config, makes two runs different: the model's shape and LoRA setup."""
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return {"model": self.lm_config.to_hf(), "lora": self.lora_config, "trainable": trainable}
+
+    def _check_out_dir(self) -> str | None:
+        """Decide (rank 0, broadcast) whether to start fresh or resume; refuse a foreign out_dir."""
+        self.checkpoints.clean_partial()  # a crash mid-save leaves a temp folder: never used, removed
+        latest = self.checkpoints.latest()
+        error = None
+        if self.dist.is_main and latest:
+            meta = CheckpointManager.read_meta(latest)
+            if not self.config.resume:
+                error = (f"{self.out_dir} already holds a checkpoint ({Path(latest).name}); pass --resume to "
+                         f"continue that run, or choose a new --out_dir")
+            elif meta.get("config_hash") != self.run_hash:
+                diff = _diff(meta.get("config", {}), hashed_fields(self.config))
+                error = (f"{self.out_dir} holds a checkpoint of a different run (config hash "
+                         f"{meta.get('config_hash')} != {self.run_hash}{'; ' + diff if diff else ''}); "
+                         f"choose a new --out_dir")
+        error = distributed.broadcast_object(error)
+        if error:
+            raise TrainError(error)
+        return latest
+
+    def _resume(self, folder: str) -> None:
+        rank_state, meta = self.checkpoints.load(folder, self.model, self.optimizer)
+        self.scheduler.load_state_dict(rank_state["scheduler"])
+        self.train_loader.load_state_dict(rank_state["train_loader"])
+        set_rng_state(rank_state["rng"])
+        self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
+        self.elapsed_before = meta["elapsed"]
+        self.last_checkpoint = folder
+        if self.dist.is_main:
+            _truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
+            tqdm.write(f"resumed from {folder} (step {self.step})")
+
+    # ---- one step --------------------------------------------------------------------------
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.dist.device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
+
+    def _loss_sum(self, batch: dict) -> torch.Tensor:
+        return self.model(batch["tokens"], batch["labels"], batch.get("positions"), batch.get("segments"))
+
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum micro-batches per rank. Returns its metrics."""
+        cfg = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        micro = [self.train_loader.next_batch() for _ in range(cfg.grad_accum)]
+        # [loss tokens, all tokens] of the whole global step, known before any backward (counted
+        # on the host batches: no device sync).
+        counts = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro),
+                               sum(b["tokens"].numel() for b in micro)], dtype=torch.int64)
+        counts = distributed.all_reduce_sum(counts.to(self.dist.device)).cpu()
+        micro = [self._to_device(b) for b in micro]
+        n_loss_tokens = counts[0].clamp(min=1).to(device=self.dist.device, dtype=torch.float32)
+        loss_total = torch.zeros((), dtype=torch.float32, device=self.dist.device)
+        for batch in micro:
+            loss_sum = self._loss_sum(batch)
+            # d(sum_i loss_i / N_global) summed over micro-batches and (by FSDP) ranks = the
+            # gradient of the mean loss over all N_global loss tokens of the step.
+            (loss_sum / n_loss_tokens).backward()
+            loss_total += loss_sum.detach()
+        distributed.all_reduce_sum(loss_total)
+        loss = (loss_total / n_loss_tokens).item()
+        if inject_nan(self.step + 1):
+            loss = float("nan")
+        if not math.isfinite(loss):
+            raise TrainingDiverged(self._diverged_message("loss", loss))
+        # clip_grad_norm_ on DTensor gradients computes the norm over all shards (a collective).
+        # max_norm=inf returns the norm and scales by exactly 1.0.
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if not math.isfinite(grad_norm):
+            raise TrainingDiverged(self._diverged_message("gradient norm", grad_norm))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.tokens_seen += int(counts[1])
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(counts[1]),
+                "loss_tokens": int(counts[0])}
+
+    def _diverged_message(self, what: str, value: float) -> str:
+        where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else \
+            "no checkpoint was written yet"
+        return f"step {self.step + 1}: {what} is {value}; stopping ({where})"
+
+    # ---- eval ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss per loss token over eval_batches micro-batches per rank (all ranks), or None.
+
+        The eval source is rewound afterwards (state_dict / load_state_dict), so every eval sees
+        the same batches and eval losses are comparable across steps.
+        """
+        if self.eval_loader is None:
+            return None
+        saved = self.eval_loader.state_dict()
+        self.model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.dist.device)
+        for _ in range(self.config.eval_batches):
+            batch = self._to_device(self.eval_loader.next_batch())
+            totals[0] += self._loss_sum(batch).double()
+            totals[1] += (batch["labels"] != IGNORE_INDEX).sum()
+        distributed.all_reduce_sum(totals)
+        self.model.train()
+        self.eval_loader.load_state_dict(saved)
+        return float(totals[0] / totals[1].clamp(min=1))
+
+    # ---- checkpoints and export --------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        rank_state = {"scheduler": self.scheduler.state_dict(), "train_loader": self.train_loader.state_dict(),
+                      "rng": rng_state()}
+        meta = {"config_hash": self.run_hash, "config": hashed_fields(self.config),
+                "frozen_fingerprint": frozen_fingerprint(self.model),
+                "tokens_seen": self.tokens_seen, "elapsed": self._elapsed()}
+        path = self.checkpoints.save(self.step, self.model, self.optimizer, rank_state, meta)
+        self.last_checkpoint = str(path)
+        return path
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole (unsharded) model as HF-named CPU tensors on rank 0, None elsewhere (collective)."""
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.dist.is_main:
+            return None
+        return {k.removeprefix("lm."): v for k, v in state.items()}
+
+    def export(self) -> dict[str, str]:
+        """Write out_dir/final (HF model, LoRA merged in) and, with LoRA, out_dir/adapter (PEFT layout)."""
+        state = self.full_state_dict()
+        written = {}
+        if self.dist.is_main:
+            from model.checkpoint import save as save_hf
+            from model.lora import merge_lora, save_adapter
+            plain = self.build_plain_model(state)
+            if self.lora_config:
+                written["adapter"] = str(save_adapter(plain, self.out_dir / "adapter"))
+                merge_lora(plain)
+            written["final"] = str(save_hf(plain, self.tokenizer, self.out_dir / "final"))
+        distributed.barrier()
+        return written
+
+    def build_plain_model(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        """A fresh unsharded Llama (with the same LoRA layout, if any) holding `state`."""
+        from model.llama import Llama
+        from model.lora import apply_lora
+        with torch.device("meta"):
+            plain = Llama(self.lm_config)
+        if self.lora_config:
+            c = self.lora_config
+            apply_lora(plain, c["target_modules"], c["r"], c["lora_alpha"], c["lora_dropout"], c["modules_to_save"])
+        # Clone: with one rank on CPU the "full" tensors can share storage with the live sharded
+        # parameters, and merging LoRA writes into the base weights in place.
+        state = {k: v.clone() for k, v in state.items()}
+        missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
+        if self.lm_config.tie_embeddings:
+            plain.lm_head.weight = plain.model.embed_tokens.weight
+            missing = [k for k in missing if k != "lm_head.weight"]
+        if missing or unexpected:
+            raise RuntimeError(f"export: state dict mismatch, missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return plain
+
+    # ---- the loop --------------------------------------------------------------------------
+    def _elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self._t0
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.dist.is_main:
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def fit(self) -> dict:
+        """Train to config.max_steps (from the resumed step), checkpoint, export. Returns a summary."""
+        cfg = self.config
+        self._t0 = time.perf_counter()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            n_all = sum(p.numel() for p in self.model.parameters())
+            n_train = sum(p.numel() for p in self.params)
+            tqdm.write(f"training {n_train:,} of {n_all:,} parameters on {self.dist.world_size} rank(s), "
+                       f"{cfg.grad_accum} micro-batch(es) per rank per step, run {self.run_hash}")
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.dist.is_main and cfg.progress),
+                   dynamic_ncols=True, desc="train")
+        eval_loss = None
+        try:
+            while self.step < cfg.max_steps:
+                t = time.perf_counter()
+                m = self.train_step()
+                dt = time.perf_counter() - t
+                record = {"step": self.step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+                          "tokens": self.tokens_seen, "loss_tokens": m["loss_tokens"],
+                          "tokens_per_s": m["tokens"] / dt, "elapsed": self._elapsed()}
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    self._log(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens'] / dt:,.0f}", lr=f"{m['lr']:.2e}")
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                    eval_loss = self.evaluate()
+                    if eval_loss is not None:
+                        self._log({"step": self.step, "eval_loss": eval_loss, "elapsed": self._elapsed()})
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                    self.save_checkpoint()
+                fault_point("kill_at_step", self.step)
+        finally:
+            bar.close()
+        if self.eval_loader is not None:
+            eval_loss = self.evaluate()
+            self._log({"step": self.step, "eval_loss": eval_loss, "elapsed": self._elapsed()})
+        if not self.last_checkpoint or Path(self.last_checkpoint).name != f"step_{self.step:08d}":
+            self.save_checkpoint()
+        exported = self.export() if cfg.export else {}
+        losses = [r["loss"] for r in self.history if "loss" in r]
+        return {"step": self.step, "loss": losses[-1] if losses else None,
+                "eval_loss": eval_loss, "checkpoint": self.last_checkpoint, **exported}
+
+    def close(self) -> None:
+        """End the process group if this Trainer created it."""
+        distributed.teardown(self.dist)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the resumed step (logged by the run that died), so the file holds
+    one clean curve."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def _diff(old: dict, new: dict) -> str:
+    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+               for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
+
+
+def run_main(main_fn, *args, **kwargs):
+    """Run main_fn(*args, **kwargs); a TrainError becomes one line on stderr (rank 0) and exit code 1."""
+    try:
+        return main_fn(*args, **kwargs)
+    except TrainError as err:
+        if not distributed.dist.is_initialized() or distributed.dist.get_rank() == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        if distributed.dist.is_initialized():
+            distributed.dist.destroy_process_group()
+        sys.exit(1)
