@@ -17,8 +17,12 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
+# The main job on its embedded default: InsCP of SmolLM2-135M-Instruct on the bundled Traditional
+# Chinese sample (minutes on 2 CPU cores), then one answer from the trained model.
+# --resume: a second `make demo` continues (or just re-exports) the same run instead of refusing.
 demo: $(STAMP)
-	$(BIN)/python scripts/chat.py --prompt "What are three good habits for learning a new language?"
+	$(BIN)/torchrun --standalone --nproc_per_node=1 train/inscp.py --resume
+	$(BIN)/python scripts/chat.py --model runs/inscp/final --max-new-tokens 96 --prompt "請用繁體中文介紹台灣的夜市。"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

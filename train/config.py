@@ -119,5 +119,9 @@ def build_parser(cls=TrainConfig, parser: argparse.ArgumentParser | None = None)
 
 def parse_args(cls=TrainConfig, argv: list[str] | None = None):
     """Command line -> an instance of the dataclass cls (TrainConfig or a subclass)."""
-    args = build_parser(cls).parse_args(argv)
-    return cls(**vars(args))
+    parser = build_parser(cls)
+    args = parser.parse_args(argv)
+    try:
+        return cls(**vars(args))
+    except ValueError as err:  # a bad flag value: argparse's one-line usage error, exit code 2
+        parser.error(str(err))

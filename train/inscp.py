@@ -48,6 +48,17 @@ class InsCPConfig(RecipeConfig):
             raise ValueError(f"--format {self.format!r}: choose one of {', '.join(TEXT_FORMATS)}")
 
 
+def done_message(summary: dict, out_dir: str) -> str:
+    """Where the results are, for the user at the end of a run."""
+    fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731  (None: the run was already complete)
+    lines = [f"done: step {summary['step']}, loss {fmt(summary['loss'])}, eval loss {fmt(summary['eval_loss'])}",
+             f"metrics  {Path(out_dir) / 'metrics.jsonl'}", f"model    {summary.get('final')}"]
+    if summary.get("adapter"):
+        lines.append(f"adapter  {summary['adapter']}")
+    lines.append(f"chat:    python scripts/chat.py --model {summary.get('final')}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     cfg = parse_args(InsCPConfig, argv)
     with distributed.session(cfg.device or None) as info:
@@ -60,12 +71,7 @@ def main(argv=None) -> dict:
         trainer = Trainer(model, cfg, train_loader, eval_loader, tokenizer=tokenizer, dist_info=info)
         summary = trainer.fit()
         if info.is_main:
-            final = summary.get("final")
-            print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, eval loss "
-                  f"{summary['eval_loss'] if summary['eval_loss'] is None else round(summary['eval_loss'], 4)}\n"
-                  f"metrics  {Path(cfg.out_dir) / 'metrics.jsonl'}\nmodel    {final}\n"
-                  + (f"adapter  {summary['adapter']}\n" if summary.get("adapter") else "")
-                  + f"chat:    python scripts/chat.py --model {final}", flush=True)
+            print(done_message(summary, cfg.out_dir), flush=True)
         return summary
 
 
