@@ -4,15 +4,24 @@ The model and the trainer call only the functions below. Each picks an implement
   - "torch":  the plain-PyTorch reference (any device; the definition of correct);
   - "triton": the fused Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
 The choice comes from set_backend(...) or the env var LANGSHIFT_KERNELS=torch|triton|auto;
-"auto" (default) uses Triton when the tensor is on CUDA and triton imports, torch otherwise.
-A forced backend that cannot run raises instead of silently falling back.
+"auto" (default) uses Triton when the tensor is on CUDA and triton imports, torch otherwise; a
+CUDA tensor meeting a missing triton says so once (a warning), since the numbers then come from
+the references. A forced backend that cannot run raises instead of silently falling back.
+Forcing "triton" on CPU tensors works under TRITON_INTERPRET=1 (set before importing kernels):
+that is how tests/test_kernels.py runs the kernels without a GPU.
 """
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
+from kernels import cross_entropy as _cross_entropy
+from kernels import flash_attention as _flash_attention
+from kernels import rmsnorm as _rmsnorm
+from kernels import rope as _rope
+from kernels import swiglu as _swiglu
 from kernels.cross_entropy import linear_cross_entropy_reference
 from kernels.flash_attention import attention_reference  # noqa: F401  (the eager attention path)
 from kernels.rmsnorm import rms_norm_reference
@@ -42,12 +51,25 @@ def use_triton(x: torch.Tensor) -> bool:
     if _backend == "torch":
         return False
     if _backend == "auto":
-        return x.is_cuda and _triton_available()
+        if x.is_cuda and not _triton_available():
+            _warn_once("LANGSHIFT_KERNELS=auto: triton is not installed, so CUDA tensors use the plain-PyTorch "
+                       "reference kernels (pip install triton)")
+            return False
+        return x.is_cuda
     if not _triton_available():
         raise RuntimeError("kernel backend 'triton' forced but triton is not installed: pip install triton")
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("kernel backend 'triton' on CPU tensors needs TRITON_INTERPRET=1")
     return True
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _triton_available() -> bool:
@@ -58,27 +80,40 @@ def _triton_available() -> bool:
     return True
 
 
+# The Triton entry points are looked up on their modules at call time (not bound at import), so a
+# test that re-imports an op module under TRITON_INTERPRET=1 is dispatched to the new kernels.
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x[..., D], weight[D] -> [..., D]."""
+    if use_triton(x):
+        return _rmsnorm.rms_norm_triton(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q[B,Hq,T,hd], k[B,Hkv,T,hd], cos/sin[B,T,hd] -> rotated (q, k)."""
+    """q[B,Hq,T,hd], k[B,Hkv,T,hd], cos/sin[B,T,hd] or [T,hd] -> rotated (q, k), new tensors."""
+    if use_triton(q):
+        return _rope.apply_rope_triton(q, k, cos, sin)
     return apply_rope_reference(q, k, cos, sin)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up."""
+    if use_triton(gate):
+        return _swiglu.swiglu_triton(gate, up)
     return swiglu_reference(gate, up)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
     """Causal GQA attention without a padding mask: q[B,Hq,T,hd], k/v[B,Hkv,S,hd] -> [B,Hq,T,hd]."""
+    if use_triton(q):
+        return _flash_attention.flash_attention_triton(q, k, v, causal=causal)
     return attention_reference(q, k, v, causal=causal)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -100, chunk_size: int = 4096) -> torch.Tensor:
     """hidden[N,D], weight[V,D], targets[N] -> mean CE over tokens whose target != ignore_index."""
+    if use_triton(hidden):
+        return _cross_entropy.linear_cross_entropy_triton(hidden, weight, targets, ignore_index, chunk_size)
     return linear_cross_entropy_reference(hidden, weight, targets, ignore_index, chunk_size)

@@ -6,7 +6,12 @@ fp32). Processing tokens in chunks keeps only chunk*V logits alive at once.
 triton (Liger-style): for each chunk of tokens, logits = h @ W^T (a torch matmul); one Triton
 program per row computes the row's loss and overwrites the logits *in place* with their gradient;
 then grad_h[chunk] = dlogits @ W and grad_W += dlogits^T @ h. All gradients are computed during
-forward, so peak memory is one [chunk, V] buffer and backward only scales by grad_output.
+forward, so peak memory is one [chunk, V] buffer and backward only scales by grad_output. The
+price: grad_h [N,D] and an fp32 grad_W [V,D] live from this forward to its backward (2 GiB for
+a 128k x 4096 vocabulary), where the recomputing reference allocates them only in backward.
+
+reference: chunk_size <= 0 is the plain definition (all logits, autograd); chunk_size > 0 is
+ChunkedLinearCrossEntropy, plain PyTorch that recomputes each chunk's logits in backward.
 
 Backward: for a token with target y and logits z, loss = logsumexp(z) - z_y, so
   d loss / d z = softmax(z) - onehot(y);  the mean over n_valid tokens divides by n_valid,
@@ -23,25 +28,71 @@ from kernels._triton import check_device, tl, triton
 
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                    ignore_index: int = -100, chunk_size: int = 0) -> torch.Tensor:
-    """hidden[N,D], weight[V,D], targets[N] -> scalar: summed CE over non-ignored tokens / their count.
+    """hidden[N,D], weight[V,D], targets[N] -> fp32 scalar: summed CE over non-ignored tokens / their count.
 
-    chunk_size > 0 computes the loss chunk by chunk (with activation recomputation in backward
-    via checkpoint) so that at most chunk_size*V logits exist at a time; 0 materialises them all.
+    chunk_size <= 0 (or >= N) materialises all N*V logits and lets autograd differentiate: the
+    plain definition. chunk_size > 0 runs ChunkedLinearCrossEntropy, which holds at most
+    chunk_size*V logits at a time in forward *and* backward.
     """
-    n_valid = (targets != ignore_index).sum().clamp(min=1)
     if chunk_size <= 0 or chunk_size >= hidden.shape[0]:
+        n_valid = (targets != ignore_index).sum().clamp(min=1)
         logits = hidden @ weight.t()
         return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum") / n_valid
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-        total = total + torch.utils.checkpoint.checkpoint(_chunk_loss, h, weight, t, ignore_index,
-                                                          use_reentrant=False)
-    return total / n_valid
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_size)
 
 
-def _chunk_loss(h, weight, t, ignore_index):
-    return F.cross_entropy((h @ weight.t()).float(), t, ignore_index=ignore_index, reduction="sum")
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Plain-PyTorch chunked linear + CE whose backward recomputes each chunk's logits.
+
+    Why not a loop of F.cross_entropy calls under autograd: autograd would keep every chunk's
+    logits (and softmax) alive until backward, i.e. all N*V of them again. Here forward keeps only
+    the per-token logsumexp (N floats); backward recomputes one chunk of logits at a time and
+    turns it into (softmax - onehot) in place. Costs one extra [c,D]x[D,V] matmul per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index: int, chunk_size: int):
+        N = hidden.shape[0]
+        valid = targets != ignore_index
+        n_valid = valid.sum().clamp(min=1)
+        safe_targets = targets.masked_fill(~valid, 0)  # any index: its row is masked out below
+        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, N, chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = (hidden[rows] @ weight.t()).float()  # [c, V], rounded like the unchunked path
+            z_target = logits.gather(1, safe_targets[rows, None]).squeeze(1)
+            # logsumexp written out in place: torch.logsumexp would hold a second [c, V] buffer.
+            row_max = logits.amax(dim=-1, keepdim=True)
+            lse[rows] = row_max.squeeze(1) + logits.sub_(row_max).exp_().sum(dim=-1).log()
+            total += ((lse[rows] - z_target) * valid[rows]).sum()
+            del logits
+        ctx.save_for_backward(hidden, weight, safe_targets, valid, lse, n_valid)
+        ctx.chunk_size = chunk_size
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, safe_targets, valid, lse, n_valid = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # fp32 accumulator across chunks: a bf16 one would round once per chunk.
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        scale = grad_out / n_valid
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            h = hidden[rows]
+            dz = (h @ weight.t()).float()
+            dz.sub_(lse[rows, None]).exp_()  # softmax
+            dz.scatter_add_(1, safe_targets[rows, None], -torch.ones_like(lse[rows, None]))  # - onehot
+            dz.mul_((valid[rows] * scale)[:, None])  # mean over loss tokens; ignored rows -> 0
+            dz = dz.to(hidden.dtype)
+            if need_h:
+                torch.mm(dz, weight, out=grad_h[rows])
+            if need_w:
+                grad_w += dz.t() @ h  # a matmul in the inputs' dtype, as autograd's would be
+            del dz
+        return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None, None
 
 
 @triton.jit
@@ -84,7 +135,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index: int = -100, chunk_size: int = 4096,
-                block_v: int | None = None):
+                block_v: int | None = None, grad_enabled: bool = True):
         check_device(hidden, weight, targets)
         if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
             raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)} and weight "
@@ -93,7 +144,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             raise ValueError(f"linear_cross_entropy: targets shape {tuple(targets.shape)} != [N={hidden.shape[0]}]")
         N, _ = hidden.shape
         V = weight.shape[0]
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # needs_input_grad stays True under torch.no_grad(); grad_enabled says whether a backward
+        # can follow (passed in, since autograd disables grad mode inside forward).
+        need_h = ctx.needs_input_grad[0] and grad_enabled
+        need_w = ctx.needs_input_grad[1] and grad_enabled
         targets = targets.contiguous()
         n_valid = (targets != ignore_index).sum().clamp(min=1)  # a tensor: no host sync
         chunk = N if chunk_size <= 0 else min(chunk_size, N)
@@ -127,7 +181,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # Out of place: a second backward (retain_graph) must see the same saved gradients.
         dh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         dw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
 def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -137,4 +191,5 @@ def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, targ
 
     chunk_size tokens at a time (<= 0: all at once); block_v: vocab tile of the kernel (tests).
     """
-    return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, chunk_size, block_v)
+    return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, chunk_size, block_v,
+                                            torch.is_grad_enabled())

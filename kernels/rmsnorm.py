@@ -54,18 +54,24 @@ def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, n
     mask = cols < D
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_D], dtype=tl.float32)
-    row_start = pid * rows_per_program
+    row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    # 64-bit row pointers, advanced one row per step (row * stride can pass 2^31 elements).
+    dy_ptr = DY + row_start * stride_dy
+    x_ptr = X + row_start * stride_x
+    dx_ptr = DX + row_start * stride_dx
     for row in range(row_start, row_end):
-        row64 = row.to(tl.int64)
-        dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row64)
+        dy = tl.load(dy_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row)
         x_hat = x * rstd
         dw += dy * x_hat.to(X.dtype.element_ty).to(tl.float32)
         g = dy * w
         dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / D))
-        tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        dy_ptr += stride_dy
+        x_ptr += stride_x
+        dx_ptr += stride_dx
     tl.store(DW_PART + pid.to(tl.int64) * D + cols, dw, mask=mask)
 
 
