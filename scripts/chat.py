@@ -2,6 +2,7 @@
 
     python scripts/chat.py                                  # SmolLM2-135M-Instruct (GGUF), REPL
     python scripts/chat.py --model runs/inscp/final --prompt "你好，請介紹台北。"
+    python scripts/chat.py --model runs/transllm/stage3/final --tcot --prompt "..."   # TransLLM TCOT
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tcot", action="store_true",
+                   help="TransLLM model: it thinks <EN> query <RESPONSE> answer <TH> ...; show the English "
+                        "thoughts and answer with the text after <TH> (greedy, no streaming)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
@@ -53,9 +57,16 @@ def main(argv=None):
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                         stop_ids=template.stop_ids, seed=args.seed)
+    bot = None
+    if args.tcot:
+        from model.tcot import TCOTChat
+        bot = TCOTChat(model, tokenizer, template, max_new_tokens=args.max_new_tokens, show_thoughts=True)
     messages: list[dict] = []
     if args.prompt is not None:
         print(f"user> {args.prompt}\nassistant> ", end="", flush=True)
+        if bot:
+            print(bot(args.prompt))
+            return
         reply(model, tokenizer, template, [{"role": "user", "content": args.prompt}], sampling)
         return
     print(f"Chatting with {path} ({template.name} template). Empty line or Ctrl-D to quit, /reset to restart.")
@@ -68,6 +79,11 @@ def main(argv=None):
             break
         if text == "/reset":
             messages = []
+            if bot:
+                bot.reset()
+            continue
+        if bot:
+            print(f"assistant> {bot(text)}")
             continue
         messages.append({"role": "user", "content": text})
         print("assistant> ", end="", flush=True)

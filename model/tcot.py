@@ -1,0 +1,127 @@
+"""TransLLM inference: translation chain-of-thought (TCOT).
+
+Given a Thai question the trained model writes `<EN> {English question} <RESPONSE> {English
+answer} <TH> {Thai answer}`; the user sees only the text after `<TH>`. Greedy decoding.
+
+Two details from the paper's code:
+- when the output misses a tag (the model stopped, or ran out of tokens, before `<RESPONSE>` or
+  `<TH>`), the tag is appended and generation continues from there, so an answer always comes;
+- a second turn is rebuilt from the first turn's ENGLISH exchange: the context is
+  [user: English query, assistant: <RESPONSE> English answer] + the new Thai question. The model
+  thinks in English across turns, as it was trained to (recovery samples use this very form).
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from model.chat import ChatTemplate, Special, Text, encode_parts
+
+TAGS = ("<EN>", "<RESPONSE>", "<TH>")
+Generate = Callable[[list[int]], list[int]]  # prompt ids -> new ids (stop token excluded)
+
+
+def _tag_ids(tokenizer, tag: str) -> list[int]:
+    tid = (getattr(tokenizer, "special_tokens", None) or {}).get(tag)
+    return [tid] if tid is not None else tokenizer.encode(tag)
+
+
+def render_with_tags(template: ChatTemplate, messages: list[dict], tags=TAGS) -> list[int]:
+    """Messages -> prompt ids ending with the assistant header; tag strings inside ASSISTANT
+    contents become their special ids (user text is never parsed, so it cannot forge a tag)."""
+    tok = template.tokenizer
+    if template.system and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": template.system}] + list(messages)
+    specials = {t: tok.special_tokens[t] for t in tags if t in (getattr(tok, "special_tokens", None) or {})}
+    splitter = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+    parts = []
+    for part in template.parts(messages, True):
+        if isinstance(part, Text) and part.trainable and splitter:  # trainable Text = assistant content
+            parts += [Special(specials[p]) if p in specials else Text(p) for p in splitter.split(part.text) if p]
+        else:
+            parts.append(part)
+    return encode_parts(tok, parts)[0]
+
+
+def context_messages(history: list[dict] | None, question: str, response_tag: str = "<RESPONSE>") -> list[dict]:
+    """The conversation fed to the model: every earlier turn as its English exchange, then the
+    new target-language question."""
+    messages = []
+    for turn in history or []:
+        messages += [{"role": "user", "content": turn["en_query"]},
+                     {"role": "assistant", "content": f"{response_tag} {turn['en_answer']}"}]
+    return messages + [{"role": "user", "content": question}]
+
+
+def split_tcot(text: str, tags=TAGS) -> dict:
+    """'<EN> q <RESPONSE> a <TH> t' -> {en_query, en_answer, answer} (missing parts: '')."""
+    en, response, target = tags
+
+    def between(start: str, end: str | None) -> str:
+        if start not in text:
+            return ""
+        rest = text.split(start, 1)[1]
+        return (rest.split(end, 1)[0] if end and end in rest else rest).strip()
+    return {"en_query": between(en, response), "en_answer": between(response, target), "answer": between(target, None)}
+
+
+def greedy_generator(model, template: ChatTemplate, max_new_tokens: int = 256, pad_id: int | None = None) -> Generate:
+    """Our batched generate, greedy, stopping at the template's end-of-turn ids."""
+    from model.generate import Sampling, generate
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0.0,
+                        stop_ids=[i for i in template.stop_ids if i is not None])
+    tok = template.tokenizer
+    pad = pad_id if pad_id is not None else next((i for i in (tok.pad_id, tok.eos_id) if i is not None), 0)
+
+    def run(prompt: list[int]) -> list[int]:
+        room = model.config.max_seq_len - sampling.max_new_tokens
+        return generate(model, [prompt[-room:]], sampling, pad_id=pad)[0]
+    return run
+
+
+def generate_tcot(model, tokenizer, template: ChatTemplate, question: str, history: list[dict] | None = None,
+                  max_new_tokens: int = 256, tags=TAGS, generate_fn: Generate | None = None) -> dict:
+    """One TCOT turn -> {answer (text after <TH>), en_query, en_answer, raw (decoded output, tags
+    included), question, appended (tags the model missed and we appended)}.
+
+    history: earlier results of this function (their en_query / en_answer rebuild the context).
+    generate_fn: prompt ids -> new ids; default greedy_generator(model, template, max_new_tokens).
+    """
+    gen = generate_fn or greedy_generator(model, template, max_new_tokens)
+    en, response, target = tags
+    prompt = render_with_tags(template, context_messages(history, question, response), tags)
+    out: list[int] = []
+    appended: list[str] = []
+    for _ in range(3):  # at most: first pass, + <RESPONSE>, + <TH>
+        out += gen(prompt + out)
+        text = tokenizer.decode(out)
+        if target in text:
+            break
+        missing = response if response not in text else target
+        appended.append(missing)
+        out += _tag_ids(tokenizer, missing)
+    raw = tokenizer.decode(out).rstrip("\ufffd")
+    return {"question": question, "raw": raw, "appended": appended, **split_tcot(raw, tags)}
+
+
+class TCOTChat:
+    """A multi-turn TCOT conversation for scripts/chat.py --tcot: call with a Thai message, get
+    the Thai answer; the English exchanges are kept as the context of later turns."""
+
+    def __init__(self, model, tokenizer, template: ChatTemplate, max_new_tokens: int = 256,
+                 generate_fn: Generate | None = None, show_thoughts: bool = False, write=print):
+        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.max_new_tokens, self.generate_fn = max_new_tokens, generate_fn
+        self.show_thoughts, self.write = show_thoughts, write
+        self.history: list[dict] = []
+
+    def __call__(self, question: str) -> str:
+        turn = generate_tcot(self.model, self.tokenizer, self.template, question, self.history,
+                             self.max_new_tokens, generate_fn=self.generate_fn)
+        self.history.append(turn)
+        if self.show_thoughts:
+            self.write(f"[EN query] {turn['en_query']}\n[EN answer] {turn['en_answer']}")
+        return turn["answer"]
+
+    def reset(self) -> None:
+        self.history = []
