@@ -4,9 +4,9 @@
     python scripts/bench_generate.py --batch 8 --new-tokens 128 --device cuda --dtype bfloat16
 
 The model is loaded once by us (GGUF or HF folder), written as an HF folder, and each side loads
-that folder. Each side runs in its own child process so that its peak memory is its own: on CUDA
-torch.cuda.max_memory_allocated, on CPU the peak resident set size of the process (weights and
-the Python runtime included). Greedy decoding with no stop token, so both sides produce exactly
+that folder. Each side runs in its own child process so that its peak memory is its own, measured from after
+loading to the end of generation: on CUDA torch.cuda.max_memory_allocated, on CPU the peak
+resident set size of the process (weights and the Python runtime included). Greedy decoding with no stop token, so both sides produce exactly
 batch x new_tokens tokens; the script checks that both produced the same tokens.
 This is a benchmark, not a test: it prints numbers, it asserts nothing about speed.
 """
@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
 
 import torch  # noqa: E402
+
+from scripts.benchmarking import best_time, hf_copy, peak_memory_mib, reset_peak_memory, run_side  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?",
@@ -50,28 +48,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def peak_memory_mib(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def timed(fn, repeats: int, device: str):
-    """Run fn once to warm up, then `repeats` times; -> (best seconds, last output)."""
-    out = fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best, out
-
-
-def run_side(args) -> dict:
+def side_main(args) -> dict:
     """Child process: load the HF folder with one library, generate, report JSON on stdout."""
     from model.chat import get_template
     from model.checkpoint import load_tokenizer_only
@@ -86,7 +63,8 @@ def run_side(args) -> dict:
         from model.generate import Sampling, generate
         model, _ = load(args.folder, dtype=dtype, device=args.device)
         sampling = Sampling(max_new_tokens=args.new_tokens, temperature=0.0, stop_ids=[])
-        seconds, out = timed(lambda: generate(model, prompts, sampling, pad_id=pad), args.repeats, args.device)
+        reset_peak_memory(args.device)
+        seconds, out = best_time(lambda: generate(model, prompts, sampling, pad_id=pad), args.repeats, args.device)
     else:
         import transformers
         model = transformers.AutoModelForCausalLM.from_pretrained(args.folder, dtype=dtype).to(args.device).eval()
@@ -99,34 +77,23 @@ def run_side(args) -> dict:
                 full = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,
                                       min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=pad)
             return full[:, P:].tolist()
-        seconds, out = timed(hf_generate, args.repeats, args.device)
+        reset_peak_memory(args.device)
+        seconds, out = best_time(hf_generate, args.repeats, args.device)
     return {"seconds": seconds, "tokens": args.batch * args.new_tokens, "peak_mib": peak_memory_mib(args.device),
             "out": out}
-
-
-def child(args, side: str, folder: Path) -> dict:
-    cmd = [sys.executable, __file__, "--side", side, "--folder", str(folder), "--batch", str(args.batch),
-           "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--device", args.device,
-           "--dtype", args.dtype]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"{side} side failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.side:
-        print(json.dumps(run_side(args)))
+        print(json.dumps(side_main(args)))
         return
     from model import assets
-    from model.checkpoint import load, save
     source = args.model or assets.smollm2_gguf()
-    with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer = load(source)
-        folder = save(model, tokenizer, Path(tmp) / "hf")
-        del model
-        results = {side: child(args, side, folder) for side in ("ours", "transformers")}
+    flags = ["--batch", str(args.batch), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+             "--device", args.device, "--dtype", args.dtype]
+    with hf_copy(source) as folder:
+        results = {side: run_side(__file__, side, folder, flags) for side in ("ours", "transformers")}
     same = results["ours"]["out"] == results["transformers"]["out"]
     print(f"model {source}\ndevice {args.device}, {args.dtype}, batch {args.batch}, {args.new_tokens} new tokens, "
           f"best of {args.repeats}, torch {torch.__version__}, {torch.get_num_threads()} threads")
