@@ -7,32 +7,23 @@ decode(ids), bos_id, eos_id, pad_id.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
+from itertools import islice
 from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm import tqdm
 
+from data import readers as data_readers
 from model import assets
 
 
 def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
-    """Rows of a JSONL file (first `limit` rows). A bad line names the file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{i}: not valid JSON ({err})") from None
-            if limit is not None and len(rows) >= limit:
-                break
-    return rows
+    """The first `limit` (default: all) objects of a JSONL file; data.readers reads and checks
+    them (a bad line names the file and line)."""
+    return [record for _, record in islice(data_readers.read_jsonl(path), limit)]
 
 
 def data_file(*parts: str, split: str = "data") -> Path:
