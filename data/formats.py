@@ -20,17 +20,14 @@ ids when the tokenizer has them (after vocabulary extension), else written as pl
 """
 from __future__ import annotations
 
-import copy
 from typing import Iterable, Iterator
 
-from model.chat import ChatTemplate, Special, Text
+from model.chat import ChatTemplate
+from model.tcot import TAGS  # <EN>, <RESPONSE>, <TH>: one definition for training and inference
 
 Sample = tuple[list[int], list[bool]]
 
-TAGS = ("<EN>", "<RESPONSE>", "<TH>")
 TRANSLATE_PROMPT = "Translate the following {source_lang} text into {target_lang}.\n\n{text}"
-# A private-use character: survives the templates' .strip() and never occurs in real text.
-_SLOT = "\ue000"
 
 
 def inscp(template: ChatTemplate, text: str) -> Sample:
@@ -60,55 +57,24 @@ def sft(template: ChatTemplate, messages: list[dict]) -> Sample:
     return template.render_with_mask(messages)
 
 
-def _tag(tokenizer, piece: str) -> Special | Text:
-    """A tag as its special-token id when the tokenizer has it, else as plain text."""
-    tid = (getattr(tokenizer, "special_tokens", None) or {}).get(piece)
-    return Special(tid, True) if tid is not None else Text(piece, True)
-
-
-def _with_answer_parts(template: ChatTemplate, messages: list[dict], answer: list) -> Sample:
-    """Render messages whose last assistant content is built of parts (Text / Special), so tags
-    can be special ids. The assistant content is rendered as a placeholder character and the
-    placeholder is swapped for the parts, so the template's own framing and system-prompt rules
-    stay in one place (model/chat.py)."""
-    messages = [dict(m) for m in messages]
-    if messages[-1]["role"] != "assistant":
-        raise ValueError("the last message must be the assistant's")
-    messages[-1]["content"] = _SLOT
-    own_parts = type(template).parts
-
-    def spliced(msgs, add_generation_prompt):
-        parts = []
-        for part in own_parts(template, msgs, add_generation_prompt):
-            if isinstance(part, Text) and _SLOT in part.text:
-                before, after = part.text.split(_SLOT)
-                parts += [Text(before, True), *answer, Text(after, True)]
-            else:
-                parts.append(part)
-        return parts
-
-    view = copy.copy(template)
-    view.parts = spliced
-    return view.render_with_mask(messages)
-
-
 def tcot(template: ChatTemplate, query: str, en_query: str, en_answer: str, answer: str,
          tags: tuple[str, str, str] = TAGS) -> Sample:
     """TransLLM TCOT sample: user = target-language query; assistant =
     `<EN> {en_query} <RESPONSE> {en_answer} <TH> {answer}`; loss on the assistant turn only."""
-    tok = template.tokenizer
     en, response, target = tags
-    answer_parts = [_tag(tok, en), Text(f" {en_query.strip()} ", True), _tag(tok, response),
-                    Text(f" {en_answer.strip()} ", True), _tag(tok, target), Text(f" {answer.strip()}", True)]
-    return _with_answer_parts(template, [{"role": "user", "content": query}, {"role": "assistant", "content": ""}],
-                              answer_parts)
+    thought = f"{en} {en_query.strip()} {response} {en_answer.strip()} {target} {answer.strip()}"
+    messages = [{"role": "user", "content": query}, {"role": "assistant", "content": thought}]
+    return template.render_with_mask(messages, tags=tags)
 
 
 def recovery(template: ChatTemplate, messages: list[dict], tag: str = "<RESPONSE>") -> Sample:
     """TransLLM recovery-KD sample: the conversation's last answer (the frozen chat model's own)
     trained as `<RESPONSE> {answer}`; loss on that answer only."""
+    if messages[-1]["role"] != "assistant":
+        raise ValueError("the last message must be the assistant's")
     answer = messages[-1]["content"].strip()
-    return _with_answer_parts(template, messages, [_tag(template.tokenizer, tag), Text(f" {answer}", True)])
+    messages = list(messages[:-1]) + [{"role": "assistant", "content": f"{tag} {answer}"}]
+    return template.render_with_mask(messages, tags=(tag,))
 
 
 def translation(template: ChatTemplate, text: str, translated: str, source_lang: str = "English",

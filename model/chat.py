@@ -68,6 +68,23 @@ def encode_parts(tokenizer, parts: list[Text | Special]) -> tuple[list[int], lis
     return ids, mask
 
 
+def _split_tags(parts: list[Text | Special], tokenizer, tags: tuple[str, ...]) -> list[Text | Special]:
+    """Cut the tag strings out of the assistant's content (the trainable Text parts) and put
+    their special ids in their place, keeping each piece's loss flag."""
+    specials = getattr(tokenizer, "special_tokens", None) or {}
+    ids = {t: specials[t] for t in tags if t in specials}
+    if not ids:
+        return parts
+    splitter = re.compile("(" + "|".join(map(re.escape, ids)) + ")")
+    out: list[Text | Special] = []
+    for part in parts:
+        if isinstance(part, Text) and part.trainable:
+            out += [Special(ids[p], True) if p in ids else Text(p, True) for p in splitter.split(part.text) if p]
+        else:
+            out.append(part)
+    return out
+
+
 class ChatTemplate:
     """Subclasses list a conversation's parts; rendering and masking are shared."""
     name = "base"
@@ -77,20 +94,24 @@ class ChatTemplate:
         self.system = system  # default system prompt, used when the conversation has none
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False,
-               default_system: bool = True) -> list[int]:
+               default_system: bool = True, tags: tuple[str, ...] = ()) -> list[int]:
         """Messages -> token ids, ending with the assistant header if add_generation_prompt."""
-        return self.render_with_mask(messages, add_generation_prompt, default_system)[0]
+        return self.render_with_mask(messages, add_generation_prompt, default_system, tags)[0]
 
     def render_with_mask(self, messages: list[dict], add_generation_prompt: bool = False,
-                         default_system: bool = True) -> tuple[list[int], list[bool]]:
+                         default_system: bool = True, tags: tuple[str, ...] = ()) -> tuple[list[int], list[bool]]:
         """-> (ids, mask): mask[i] True where ids[i] is assistant content or its end-of-turn.
-        default_system=False renders no system prompt unless the messages bring one (InsCP)."""
+        default_system=False renders no system prompt unless the messages bring one (InsCP).
+        tags: special tokens (TransLLM's <EN>, <RESPONSE>, <TH>) written as text in ASSISTANT
+        contents, encoded as their ids; user text is never parsed, so it cannot forge one. A tag
+        the tokenizer does not have stays text."""
         for i, m in enumerate(messages):
             if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
                 raise ValueError(f"message {i}: needs role system|user|assistant and str content, got {m!r}")
         if default_system and self.system and (not messages or messages[0]["role"] != "system"):
             messages = [{"role": "system", "content": self.system}] + list(messages)
-        return encode_parts(self.tokenizer, self.parts(messages, add_generation_prompt))
+        parts = self.parts(messages, add_generation_prompt)
+        return encode_parts(self.tokenizer, _split_tags(parts, self.tokenizer, tags) if tags else parts)
 
     def special(self, piece: str) -> int:
         return self.tokenizer.token_to_id(piece)

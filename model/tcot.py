@@ -12,10 +12,9 @@ Two details from the paper's code:
 """
 from __future__ import annotations
 
-import re
 from typing import Callable
 
-from model.chat import ChatTemplate, Special, Text, encode_parts
+from model.chat import ChatTemplate
 
 TAGS = ("<EN>", "<RESPONSE>", "<TH>")
 Generate = Callable[[list[int]], list[int]]  # prompt ids -> new ids (stop token excluded)
@@ -29,18 +28,7 @@ def _tag_ids(tokenizer, tag: str) -> list[int]:
 def render_with_tags(template: ChatTemplate, messages: list[dict], tags=TAGS) -> list[int]:
     """Messages -> prompt ids ending with the assistant header; tag strings inside ASSISTANT
     contents become their special ids (user text is never parsed, so it cannot forge a tag)."""
-    tok = template.tokenizer
-    if template.system and (not messages or messages[0]["role"] != "system"):
-        messages = [{"role": "system", "content": template.system}] + list(messages)
-    specials = {t: tok.special_tokens[t] for t in tags if t in (getattr(tok, "special_tokens", None) or {})}
-    splitter = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
-    parts = []
-    for part in template.parts(messages, True):
-        if isinstance(part, Text) and part.trainable and splitter:  # trainable Text = assistant content
-            parts += [Special(specials[p]) if p in specials else Text(p) for p in splitter.split(part.text) if p]
-        else:
-            parts.append(part)
-    return encode_parts(tok, parts)[0]
+    return template.render(messages, add_generation_prompt=True, tags=tuple(tags))
 
 
 def context_messages(history: list[dict] | None, question: str, response_tag: str = "<RESPONSE>") -> list[dict]:
