@@ -3,10 +3,17 @@
     y = x W^T + (dropout(x) A^T B^T) * alpha / r        W [out,in] frozen, A [r,in], B [out,r]
 
 A starts kaiming-uniform and B at zero, so training starts from exactly the base model.
+
 `LoRALinear` subclasses nn.Linear and keeps the base matrix at `<name>.weight`, so the model's
 HF names (and checkpoint loading) are unchanged; the update lives at `<name>.lora_A/lora_B`.
 Adapters are saved in PEFT's layout (adapter_model.safetensors + adapter_config.json), which
 `peft.PeftModel.from_pretrained` loads, and can be merged into a plain HF checkpoint.
+
+The low-rank path runs through `LoRAUpdate`, an autograd Function that saves only what backward
+needs: the input x (often saved once for several layers: q, k and v read the same x), the dropout
+keep-mask as bools (1 byte per element) and the small [N, r] product. Plain autograd
+(`lora_update_reference`, what PEFT does) also keeps a float mask and the dropped-out input: two
+more float copies of every LoRA layer's input.
 """
 from __future__ import annotations
 
@@ -34,7 +41,7 @@ class LoRALinear(nn.Linear):
         factory = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **factory))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout
         self.merged = False
         self.reset_lora()
 
@@ -49,7 +56,8 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        keep = dropout_keep_mask(x, self.dropout) if self.training else None
+        return y + LoRAUpdate.apply(x, self.lora_A, self.lora_B, keep, self.scale, self.dropout)
 
     def delta(self) -> torch.Tensor:
         """The update as a full matrix, scale * B @ A, [out, in] (computed in fp32)."""
@@ -69,7 +77,58 @@ class LoRALinear(nn.Linear):
             self.merged = False
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
+        return (f"{self.in_features}, {self.out_features}, r={self.r}, alpha={self.alpha}, dropout={self.dropout}, "
+                f"merged={self.merged}")
+
+
+def dropout_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor | None:
+    """Bool mask shaped like x, True with probability 1 - p (None when p == 0).
+
+    `rand >= p` draws the same Bernoulli(1 - p) as nn.Dropout's bernoulli_ but about 1.8x faster
+    on CPU, where drawing a mask costs about as much as the base layer's matmul.
+    """
+    return torch.rand(x.shape, device=x.device) >= p if p > 0 else None
+
+
+def _dropped(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+    """Inverted dropout with a given mask: x * keep / (1 - p)."""
+    return x if keep is None else x * keep / (1 - p)
+
+
+def lora_update_reference(x, A, B, keep, scale: float, p: float) -> torch.Tensor:
+    """The definition, differentiated by autograd: (dropout(x) A^T) B^T * scale.
+
+    x[..., in], A[r, in], B[out, r], keep: bool like x or None -> [..., out].
+    """
+    return F.linear(F.linear(_dropped(x, keep, p), A), B) * scale
+
+
+class LoRAUpdate(torch.autograd.Function):
+    """lora_update_reference with a lean backward: saves x, the bool mask and xA = dropout(x) A^T
+    [N, r]; the dropped-out input is rebuilt from x and the mask when A's gradient needs it.
+
+    With g = grad_out * scale [N, out]:  dB = g^T xA,  d(xA) = g B,  dA = d(xA)^T dropout(x),
+    dx = dropout(d(xA) A)  (the same mask and 1/(1-p), since dropout is linear in x).
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, keep, scale: float, p: float):
+        xa = F.linear(_dropped(x, keep, p), A)  # [..., r]
+        ctx.save_for_backward(x, A, B, keep, xa)
+        ctx.scale, ctx.p = scale, p
+        return F.linear(xa, B) * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, A, B, keep, xa = ctx.saved_tensors
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        g = (grad_out * ctx.scale).reshape(-1, B.shape[0])  # [N, out]
+        xa = xa.reshape(-1, A.shape[0])                      # [N, r]
+        grad_b = g.t() @ xa if need_b else None
+        grad_xa = g @ B                                      # [N, r]
+        grad_a = grad_xa.t() @ _dropped(x, keep, ctx.p).reshape(-1, A.shape[1]) if need_a else None
+        grad_x = _dropped((grad_xa @ A).view(x.shape), keep, ctx.p) if need_x else None
+        return grad_x, grad_a, grad_b, None, None, None
 
 
 def apply_lora(model: nn.Module, targets: list[str] = ALL_LINEAR, r: int = 64, alpha: float = 128,

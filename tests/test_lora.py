@@ -5,7 +5,8 @@ import torch
 
 from model.config import preset
 from model.llama import Llama
-from model.lora import ALL_LINEAR, LoRALinear, apply_lora, load_adapter, merge_lora, save_adapter
+from model.lora import (ALL_LINEAR, LoRALinear, LoRAUpdate, apply_lora, dropout_keep_mask, load_adapter,
+                        lora_update_reference, merge_lora, save_adapter)
 from tests.conftest import need_module
 
 
@@ -102,3 +103,83 @@ def test_targets_cover_all_linear_layers():
     n = sum(isinstance(m, LoRALinear) for m in model.modules())
     assert n == len(ALL_LINEAR) * model.config.n_layers
     assert type(model.lm_head) is torch.nn.Linear  # the head is never a LoRA target here
+
+
+def _saved_bytes(fn, *args) -> tuple[torch.Tensor, int]:
+    """Run fn(*args) and count the bytes autograd saves for backward (each storage once)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return out, sum(storages.values())
+
+
+def _lora_inputs(p: float, dtype=torch.float32):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 12, generator=g).to(dtype).requires_grad_()
+    A = (torch.randn(3, 12, generator=g) * 0.3).to(dtype).requires_grad_()
+    B = (torch.randn(7, 3, generator=g) * 0.3).to(dtype).requires_grad_()
+    keep = torch.rand(x.shape, generator=g) >= p if p > 0 else None
+    return x, A, B, keep
+
+
+def test_lora_update_equals_the_autograd_definition_with_and_without_dropout():
+    for p in (0.0, 0.3):
+        for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
+            x, A, B, keep = _lora_inputs(p, dtype)
+            ours = LoRAUpdate.apply(x, A, B, keep, 2.0, p)
+            ref = lora_update_reference(x, A, B, keep, 2.0, p)
+            assert (ours.float() - ref.float()).abs().max() <= tol
+            grad = torch.randn(ours.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+            got = torch.autograd.grad(ours, (x, A, B), grad)
+            want = torch.autograd.grad(ref, (x, A, B), grad)
+            for name, a, b in zip("xAB", got, want):
+                assert (a.float() - b.float()).abs().max() <= tol * max(1.0, b.float().abs().max()), (p, dtype, name)
+    x, A, B, keep = _lora_inputs(0.3)
+    dx = torch.autograd.grad(LoRAUpdate.apply(x, A, B, keep, 2.0, 0.3).sum(), x)[0]
+    assert torch.all(dx[~keep] == 0) and torch.all(dx[keep] != 0)  # dropped inputs get no gradient
+
+
+def test_lora_layers_reading_one_input_save_it_once_with_bool_masks():
+    # q, k and v read the same x: autograd must keep x once, plus a 1-byte mask and the [N, r]
+    # product per layer (the frozen base matmul saves only its weight). The plain definition keeps
+    # each layer's own dropped-out copy of x instead (PEFT: and a float mask on top).
+    x, *_ = _lora_inputs(0.3)
+    layers = [LoRALinear(torch.nn.Linear(12, 7, bias=False), r=3, alpha=6, dropout=0.3).train() for _ in range(3)]
+    for layer in layers:
+        layer.weight.requires_grad_(False)  # frozen, as apply_lora leaves it
+    torch.manual_seed(5)
+    _, ours = _saved_bytes(lambda: [layer(x) for layer in layers])
+    torch.manual_seed(5)
+    masks = [dropout_keep_mask(x, 0.3) for _ in layers]
+    _, ref = _saved_bytes(lambda: [x @ m.weight.t() + lora_update_reference(x, m.lora_A, m.lora_B, keep, 2.0, 0.3)
+                                   for m, keep in zip(layers, masks)])
+    n, weights = x.numel(), 3 * 4 * (7 * 12 + 3 * 12 + 7 * 3)  # W, A, B of each layer, fp32
+    xa = 3 * 4 * (10 * 3)                                        # [N=10, r=3] fp32 per layer
+    assert ours == weights + 4 * n + 3 * n + xa                  # x once + three bool masks
+    assert ref == weights + 3 * 4 * n + 3 * n + xa               # three dropped-out copies of x
+    assert ref - ours == 8 * n
+
+
+def test_dropout_keep_mask_rate_and_lora_linear_uses_it_in_training_only():
+    keep = dropout_keep_mask(torch.empty(1_000_000), 0.05)
+    # mean of 1e6 Bernoulli(0.95): std 2.2e-4, so 0.95 +- 1e-3 is 4.6 standard deviations
+    assert keep.dtype == torch.bool and abs(keep.float().mean().item() - 0.95) < 1e-3
+    assert dropout_keep_mask(torch.empty(3), 0.0) is None
+    layer = LoRALinear(torch.nn.Linear(12, 7, bias=False), r=3, alpha=6, dropout=0.3)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 12)
+    torch.manual_seed(11)
+    trained = layer.train()(x)
+    torch.manual_seed(11)
+    mask = dropout_keep_mask(x, 0.3)
+    expected = x @ layer.weight.t() + lora_update_reference(x, layer.lora_A, layer.lora_B, mask, 2.0, 0.3)
+    assert torch.allclose(trained, expected, atol=1e-6)
+    evaluated = layer.eval()(x)
+    assert torch.allclose(evaluated, x @ layer.weight.t() + lora_update_reference(
+        x, layer.lora_A, layer.lora_B, None, 2.0, 0.3), atol=1e-6)
+    assert not torch.allclose(trained, evaluated, atol=1e-3)
