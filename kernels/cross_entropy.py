@@ -6,12 +6,13 @@ fp32). Processing tokens in chunks keeps only chunk*V logits alive at once.
 triton (Liger-style): for each chunk of tokens, logits = h @ W^T (a torch matmul); one Triton
 program per row computes the row's loss and overwrites the logits *in place* with their gradient;
 then grad_h[chunk] = dlogits @ W and grad_W += dlogits^T @ h. All gradients are computed during
-forward, so peak memory is one [chunk, V] buffer and backward only scales by grad_output. The
-price: grad_h [N,D] and an fp32 grad_W [V,D] live from this forward to its backward (2 GiB for
-a 128k x 4096 vocabulary), where the recomputing reference allocates them only in backward.
+forward, so peak memory is one [chunk, V] buffer, no logits are recomputed, and backward only
+scales by grad_output. grad_h [N,D] and an fp32 grad_W [V,D] (when the head trains) live from
+this forward to its backward, which comes next: the loss is the last op of forward.
 
-reference: chunk_size <= 0 is the plain definition (all logits, autograd); chunk_size > 0 is
-ChunkedLinearCrossEntropy, plain PyTorch that recomputes each chunk's logits in backward.
+reference: chunk_size <= 0 is the plain definition (all logits, autograd); chunk_size > 0 runs
+the very same chunk loop (`LinearCrossEntropyFunction`) with the row step written in torch ops
+instead of the Triton kernel: the path of CPU training.
 
 Backward: for a token with target y and logits z, loss = logsumexp(z) - z_y, so
   d loss / d z = softmax(z) - onehot(y);  the mean over n_valid tokens divides by n_valid,
@@ -19,6 +20,8 @@ and ignored tokens (target == ignore_index) contribute neither loss nor gradient
   d/dh = dz W,   d/dW = dz^T h   (summed over chunks).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -30,69 +33,37 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, t
                                    ignore_index: int = -100, chunk_size: int = 0) -> torch.Tensor:
     """hidden[N,D], weight[V,D], targets[N] -> fp32 scalar: summed CE over non-ignored tokens / their count.
 
-    chunk_size <= 0 (or >= N) materialises all N*V logits and lets autograd differentiate: the
-    plain definition. chunk_size > 0 runs ChunkedLinearCrossEntropy, which holds at most
-    chunk_size*V logits at a time in forward *and* backward.
+    chunk_size <= 0 materialises all N*V logits and lets autograd differentiate: the plain
+    definition. chunk_size > 0 holds one [chunk, V] logits buffer at a time (one chunk of all N
+    tokens when chunk_size >= N), gradients computed in forward by `_rows_torch`.
     """
-    if chunk_size <= 0 or chunk_size >= hidden.shape[0]:
+    if chunk_size <= 0:
         n_valid = (targets != ignore_index).sum().clamp(min=1)
         logits = hidden @ weight.t()
         return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum") / n_valid
-    return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_size)
+    return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, chunk_size, _rows_torch,
+                                            torch.is_grad_enabled())
 
 
-class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Plain-PyTorch chunked linear + CE whose backward recomputes each chunk's logits.
+def _rows_torch(logits, targets, loss_rows, n_valid, ignore_index: int, need_grad: bool):
+    """One chunk in torch ops: logits[c,V] -> loss_rows[c] (written), and dlogits[c,V] =
+    (softmax - onehot) / n_valid in logits' dtype (None when no gradient is needed).
 
-    Why not a loop of F.cross_entropy calls under autograd: autograd would keep every chunk's
-    logits (and softmax) alive until backward, i.e. all N*V of them again. Here forward keeps only
-    the per-token logsumexp (N floats); backward recomputes one chunk of logits at a time and
-    turns it into (softmax - onehot) in place. Costs one extra [c,D]x[D,V] matmul per chunk.
+    Why not F.cross_entropy under autograd: autograd would keep every chunk's logits and softmax
+    alive until backward, i.e. all N*V of them again. Here one fp32 buffer turns into exp, then
+    softmax, then the gradient, in place (torch.softmax / logsumexp would hold a second one).
     """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index: int, chunk_size: int):
-        N = hidden.shape[0]
-        valid = targets != ignore_index
-        n_valid = valid.sum().clamp(min=1)
-        safe_targets = targets.masked_fill(~valid, 0)  # any index: its row is masked out below
-        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, N, chunk_size):
-            rows = slice(start, start + chunk_size)
-            logits = (hidden[rows] @ weight.t()).float()  # [c, V], rounded like the unchunked path
-            z_target = logits.gather(1, safe_targets[rows, None]).squeeze(1)
-            # logsumexp written out in place: torch.logsumexp would hold a second [c, V] buffer.
-            row_max = logits.amax(dim=-1, keepdim=True)
-            lse[rows] = row_max.squeeze(1) + logits.sub_(row_max).exp_().sum(dim=-1).log()
-            total += ((lse[rows] - z_target) * valid[rows]).sum()
-            del logits
-        ctx.save_for_backward(hidden, weight, safe_targets, valid, lse, n_valid)
-        ctx.chunk_size = chunk_size
-        return total / n_valid
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        hidden, weight, safe_targets, valid, lse, n_valid = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        # fp32 accumulator across chunks: a bf16 one would round once per chunk.
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        scale = grad_out / n_valid
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
-            h = hidden[rows]
-            dz = (h @ weight.t()).float()
-            dz.sub_(lse[rows, None]).exp_()  # softmax
-            dz.scatter_add_(1, safe_targets[rows, None], -torch.ones_like(lse[rows, None]))  # - onehot
-            dz.mul_((valid[rows] * scale)[:, None])  # mean over loss tokens; ignored rows -> 0
-            dz = dz.to(hidden.dtype)
-            if need_h:
-                torch.mm(dz, weight, out=grad_h[rows])
-            if need_w:
-                grad_w += dz.t() @ h  # a matmul in the inputs' dtype, as autograd's would be
-            del dz
-        return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None, None
+    valid = targets != ignore_index
+    safe = targets.masked_fill(~valid, 0)[:, None]  # any index: its row is masked out below
+    z = logits.float()  # [c, V] (a copy only for bf16/fp16 logits)
+    z_target = z.gather(1, safe).squeeze(1)
+    row_max = z.amax(dim=-1, keepdim=True)
+    sum_exp = z.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
+    loss_rows.copy_(((row_max + sum_exp.log()).squeeze(1) - z_target) * valid)
+    if not need_grad:
+        return None
+    z.div_(sum_exp).scatter_add_(1, safe, -torch.ones_like(sum_exp))  # softmax - onehot
+    return z.mul_((valid / n_valid)[:, None]).to(logits.dtype)        # ignored rows -> 0
 
 
 @triton.jit
@@ -130,20 +101,32 @@ def _block_v(V: int, device: torch.device) -> int:
     return min(triton.next_power_of_2(V), 32768 if device.type == "cuda" else 4096)
 
 
+def _rows_triton(logits, targets, loss_rows, n_valid, ignore_index: int, need_grad: bool, block_v=None):
+    """One chunk through the kernel: loss_rows written, logits overwritten by their gradient
+    (always computed: it costs the kernel one extra pass over the row it already has in cache)."""
+    check_device(logits, targets)
+    block = block_v or _block_v(logits.shape[1], logits.device)
+    warps = 16 if block >= 16384 else 8 if block >= 4096 else 4
+    _ce_loss_and_grad[(logits.shape[0],)](logits, logits.stride(0), targets, loss_rows, n_valid, logits.shape[1],
+                                          ignore_index, BLOCK_V=block, num_warps=warps)
+    return logits
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Chunked fused projection + cross-entropy; gradients for hidden and weight, computed in forward."""
+    """Chunked projection + cross-entropy, gradients for hidden and weight computed in forward.
+
+    rows_fn(logits[c,V], targets[c], loss_rows[c], n_valid, ignore_index, need_grad) does one
+    chunk: _rows_triton (the fused kernel) or _rows_torch (its plain-PyTorch twin).
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index: int = -100, chunk_size: int = 4096,
-                block_v: int | None = None, grad_enabled: bool = True):
-        check_device(hidden, weight, targets)
+    def forward(ctx, hidden, weight, targets, ignore_index: int, chunk_size: int, rows_fn, grad_enabled: bool):
         if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
             raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)} and weight "
                              f"{tuple(weight.shape)} must be [N, D] and [V, D]")
         if targets.shape != hidden.shape[:1]:
             raise ValueError(f"linear_cross_entropy: targets shape {tuple(targets.shape)} != [N={hidden.shape[0]}]")
-        N, _ = hidden.shape
-        V = weight.shape[0]
+        N = hidden.shape[0]
         # needs_input_grad stays True under torch.no_grad(); grad_enabled says whether a backward
         # can follow (passed in, since autograd disables grad mode inside forward).
         need_h = ctx.needs_input_grad[0] and grad_enabled
@@ -151,26 +134,22 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         targets = targets.contiguous()
         n_valid = (targets != ignore_index).sum().clamp(min=1)  # a tensor: no host sync
         chunk = N if chunk_size <= 0 else min(chunk_size, N)
-        block = block_v or _block_v(V, hidden.device)
-        warps = 16 if block >= 16384 else 8 if block >= 4096 else 4
         grad_h = torch.empty_like(hidden) if need_h else None
         # fp32 accumulator across chunks: bf16 would round once per chunk.
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         loss_rows = torch.empty(N, dtype=torch.float32, device=hidden.device)
         for start in range(0, N, max(chunk, 1)):
-            h = hidden[start:start + chunk]
-            logits = h @ weight.t()  # [c, V], becomes dlogits in place below
-            _ce_loss_and_grad[(h.shape[0],)](logits, logits.stride(0), targets[start:start + chunk],
-                                             loss_rows[start:start + chunk], n_valid, V, ignore_index,
-                                             BLOCK_V=block, num_warps=warps)
+            rows = slice(start, start + chunk)
+            h = hidden[rows]
+            dz = rows_fn(h @ weight.t(), targets[rows], loss_rows[rows], n_valid, ignore_index, need_h or need_w)
             if need_h:
-                torch.mm(logits, weight, out=grad_h[start:start + chunk])
+                torch.mm(dz, weight, out=grad_h[rows])
             if need_w:
-                if grad_w.dtype == logits.dtype:
-                    grad_w.addmm_(logits.t(), h)
+                if grad_w.dtype == dz.dtype:
+                    grad_w.addmm_(dz.t(), h)
                 else:
-                    grad_w += logits.t() @ h
-            del logits
+                    grad_w += dz.t() @ h
+            del dz
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss_rows.sum() / n_valid
@@ -191,5 +170,6 @@ def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, targ
 
     chunk_size tokens at a time (<= 0: all at once); block_v: vocab tile of the kernel (tests).
     """
-    return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, chunk_size, block_v,
+    rows_fn = functools.partial(_rows_triton, block_v=block_v)
+    return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, chunk_size, rows_fn,
                                             torch.is_grad_enabled())

@@ -11,14 +11,14 @@ Without CUDA it says so and exits 0.
 CPU memory mode:
     python scripts/bench_kernels.py --cpu-memory [--tokens 8192 --vocab 128256 --dim 256]
 Peak memory of linear cross-entropy forward+backward on CPU, materialised logits versus the
-chunked reference (ChunkedLinearCrossEntropy). Each case runs in its own subprocess, which reads
-its resident set size just before the step (/proc/self/statm) and its peak resident set size
-after it (getrusage ru_maxrss); the difference is the step's peak extra memory. Why RSS and
-not tracemalloc: torch's CPU allocations bypass Python's allocator, so tracemalloc sees none of
-them. RSS is honest here because tensors of this
-size are mmap'd by glibc and returned to the OS when freed, so the RSS high-water mark follows the
-high-water mark of live tensors (plus a few MB of noise). --dim only changes the matmul cost and
-the constant size of the weight and its gradient (inputs are allocated before the baseline).
+chunked reference (the Triton path's chunk loop with torch row steps). Each case runs in its own
+subprocess, which reads its resident set size just before the step (/proc/self/statm) and its
+peak resident set size after it (getrusage ru_maxrss); the difference is the step's peak extra
+memory. Why RSS and not tracemalloc: torch's CPU allocations bypass Python's allocator, so
+tracemalloc sees none of them. RSS is honest here because tensors of this size are mmap'd by
+glibc and returned to the OS when freed, so the RSS high-water mark follows the high-water mark of
+live tensors (plus a few MB of noise). --dim only changes the matmul cost and the constant size of
+the weight and its gradient (inputs are allocated before the baseline).
 """
 from __future__ import annotations
 
