@@ -66,7 +66,7 @@ def complete_checkpoints(out_dir) -> list[str]:
 
 
 def full_grads(trainer) -> dict[str, torch.Tensor]:
-    return {n: p.grad.full_tensor() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return {n: distributed.full_tensor(p.grad) for n, p in trainer.model.named_parameters() if p.grad is not None}
 
 
 @pytest.fixture(scope="module")

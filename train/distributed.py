@@ -88,6 +88,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded DTensor (a collective), or t itself when it is a plain
+    tensor (a one-rank run is not sharded, see train/trainer.shard_model)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def barrier() -> None:
     dist.barrier()
 

@@ -7,7 +7,8 @@ What happens, in order:
   1. The model (a plain `Llama`, possibly with LoRA applied and base weights frozen) is wrapped
      with its loss in `CausalLMLoss`, and sharded from outside with FSDP2: `fully_shard` on each
      block, then on the root. With one process this is a one-rank group (train/distributed.py),
-     so the same code runs at every world size. The model itself knows nothing of this.
+     so the same code runs at every world size (one fp32 rank skips only the wrapping itself,
+     see shard_model). The model itself knows nothing of this.
   2. AdamW (no decay on 1-D params) and a cosine schedule with warm-up (train/optim.py).
   3. Each optimizer step reads `grad_accum` micro-batches per rank. The loss of a step is the mean
      over *every loss token of the global batch*, so micro-batches and ranks holding more loss
@@ -84,10 +85,17 @@ def shard_model(module: nn.Module, blocks: nn.ModuleList, device: torch.device, 
     Parameters' requires_grad must be final before this (FSDP records it per parameter).
     Gradients are SUMMED across ranks (divide factor 1): the loss is already divided by the
     global token count, so FSDP's default average would divide by the world size a second time.
+
+    One rank in fp32 is left unwrapped (as torchtitan applies FSDP only when there is more than
+    one shard): there is nothing to shard and no dtype to cast, so FSDP2 would only copy every
+    weight into its all-gather buffer and back, in forward and again in backward. The numbers are
+    the same either way; checkpoints, clipping and the state-dict export take both.
     """
     world = distributed.dist.get_world_size()
-    mesh = init_device_mesh(device.type, (world,))
     use_bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
+    if world == 1 and not use_bf16:
+        return module
+    mesh = init_device_mesh(device.type, (world,))
     # bf16 weights in forward/backward, fp32 gradient reduction and fp32 master weights/optimizer.
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if use_bf16 else None,
                               reduce_dtype=torch.float32 if use_bf16 else None)
@@ -227,7 +235,7 @@ class Trainer:
         # max_norm=inf returns the norm and scales by exactly 1.0.
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        grad_norm = float(distributed.full_tensor(grad_norm))
         if not math.isfinite(grad_norm):
             raise TrainingDiverged(self._diverged_message("gradient norm", grad_norm))
         lr = self.optimizer.param_groups[0]["lr"]
