@@ -84,14 +84,19 @@ def load_questions(lang: str = "en", limit: int | None = None) -> list[dict]:
 
 
 def generate_answers(runner, questions: list[dict], model_name: str = "model") -> list[dict]:
-    """Two turns per question, batched per turn. -> answer records (FastChat-like)."""
+    """Two turns per question, batched per turn. -> answer records (FastChat-like); with a runner
+    that thinks in English (model.tcot.TCOTRunner) each record also holds its English `thoughts`."""
     first = runner.answer([[{"role": "user", "content": q["turns"][0]}] for q in questions], desc="mt-bench turn 1")
     second = runner.answer([[{"role": "user", "content": q["turns"][0]},
                              {"role": "assistant", "content": a},
                              {"role": "user", "content": q["turns"][1]}] for q, a in zip(questions, first)],
                            desc="mt-bench turn 2")
-    return [{"question_id": q["question_id"], "category": q["category"], "lang": q["lang"], "model": model_name,
-             "turns": q["turns"], "answers": [a1, a2]} for q, a1, a2 in zip(questions, first, second)]
+    records = [{"question_id": q["question_id"], "category": q["category"], "lang": q["lang"], "model": model_name,
+                "turns": q["turns"], "answers": [a1, a2]} for q, a1, a2 in zip(questions, first, second)]
+    if hasattr(runner, "thoughts"):
+        for r in records:
+            r["thoughts"] = [runner.thoughts(q, a) for q, a in zip(r["turns"], r["answers"])]
+    return records
 
 
 def write_answers(records: list[dict], path: str | Path) -> Path:

@@ -11,7 +11,8 @@ numbers only):
     refusal      AdvBench refusal rate (GCG keyword list)
     translation  PUD en<->th, en<->zh, BLEU and chrF++
     mtbench      two-turn answers in English and Thai (answers_<model>_<lang>.jsonl); graded
-                 by --judge PATH when given (MT-bench has one split: --split does not apply)
+                 by --judge PATH when given (MT-bench has one split: --split does not apply);
+                 --tcot answers the TransLLM way (model/tcot.py), English thoughts saved too
 Greedy decoding and fixed seeds: the same command gives the same numbers. --limit N caps every
 data set at N items (prompts, questions, sentences). Writes OUT/results.json, OUT/report.md and
 OUT/chart_*.svg, rewritten after every model so a long run keeps what it has.
@@ -28,6 +29,7 @@ import torch
 from eval import alignment, mtbench, multiple_choice, perplexity, refusal, translation
 from eval.common import ChatRunner, data_file, read_jsonl, seed_everything
 from eval.report import write_report
+from model.tcot import TCOTRunner
 
 SUITES = ("alignment", "ppl", "mc", "refusal", "translation", "mtbench")
 
@@ -62,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--alignment-sets", default="en,th,zh-Hant")
     p.add_argument("--directions", default=",".join(translation.DEFAULT_DIRECTIONS))
     p.add_argument("--mtbench-langs", default="en,th")
+    p.add_argument("--tcot", action="store_true",
+                   help="mtbench: the models are TransLLM models; answer by translation chain-of-thought")
     p.add_argument("--judge", help="judge model (HF folder or .gguf) for mtbench grading")
     p.add_argument("--judge-max-new-tokens", type=int, default=512, help="room for the judge's explanation")
     p.add_argument("--template", choices=["llama2", "llama3", "chatml"], help="chat template (default: detected)")
@@ -131,8 +135,9 @@ def evaluate_model(model, tokenizer, args, name: str = "model", log=print) -> di
             results[suite] = translation.evaluate(runner, directions, limit, args.split)
         elif suite == "mtbench":
             results[suite] = {}
+            mt_runner = TCOTRunner(model, tokenizer, runner.template, runner.max_new_tokens) if args.tcot else runner
             for lang in [x for x in args.mtbench_langs.split(",") if x]:
-                records = mtbench.generate_answers(runner, mtbench.load_questions(lang, limit), name)
+                records = mtbench.generate_answers(mt_runner, mtbench.load_questions(lang, limit), name)
                 path = mtbench.write_answers(records, Path(args.out) / f"answers_{_safe(name)}_{lang}.jsonl")
                 results[suite][lang] = {"answers_file": str(path), "n": len(records), "records": records}
         log(f"[{name}] {suite} done in {time.time() - start:.0f}s")

@@ -113,3 +113,44 @@ class TCOTChat:
 
     def reset(self) -> None:
         self.history = []
+
+
+class TCOTRunner:
+    """eval's runner interface (`answer(conversations) -> [answer]`, as eval.common.ChatRunner)
+    for a TransLLM model: the last user turn of each conversation is answered by generate_tcot,
+    one conversation at a time, and earlier turns are rebuilt from their ENGLISH exchange.
+
+    Earlier turns must be answers this runner gave (MT-bench asks turn 2 with the turn-1 answer
+    in the context): it remembers each turn by (question, answer) and looks the exchange up.
+    `thoughts(question, answer)` -> {en_query, en_answer} of such a turn, for the answer records.
+    """
+
+    def __init__(self, model, tokenizer, template: ChatTemplate, max_new_tokens: int = 256,
+                 generate_fn: Generate | None = None):
+        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.max_new_tokens, self.generate_fn = max_new_tokens, generate_fn
+        self.turns: dict[tuple[str, str], dict] = {}
+        self.truncated = 0  # ChatRunner's counter; generate_tcot keeps the newest tokens itself
+
+    def answer(self, conversations: list[list[dict]], desc: str | None = "tcot") -> list[str]:
+        from tqdm import tqdm
+        answers = []
+        for messages in tqdm(conversations, desc=desc, disable=desc is None, leave=False):
+            *earlier, last = messages
+            history = [self._turn(q["content"], a["content"]) for q, a in zip(earlier[0::2], earlier[1::2])]
+            turn = generate_tcot(self.model, self.tokenizer, self.template, last["content"], history,
+                                 self.max_new_tokens, generate_fn=self.generate_fn)
+            self.turns[(turn["question"], turn["answer"])] = turn
+            answers.append(turn["answer"])
+        return answers
+
+    def thoughts(self, question: str, answer: str) -> dict:
+        turn = self._turn(question, answer)
+        return {"en_query": turn["en_query"], "en_answer": turn["en_answer"]}
+
+    def _turn(self, question: str, answer: str) -> dict:
+        try:
+            return self.turns[(question, answer)]
+        except KeyError:
+            raise ValueError(f"TCOTRunner: the earlier turn {question[:40]!r} was not answered by this runner, so "
+                             "its English exchange is unknown") from None

@@ -4,9 +4,9 @@
     python scripts/bench_train.py --batch 8 --seq-len 1024 --device cuda
 
 Both sides: LoRA r=16, alpha=32, dropout 0.05 on every linear layer of the blocks, AdamW, gradient
-clipping at 1.0, the same random token batch. Ours is the real training path (train.Trainer:
-FSDP2 on a one-rank group, fused chunked head + cross-entropy); theirs is PeftModel(LlamaForCausalLM)
-with `labels=` (full logits). Each side runs in its own child process so its peak memory is its own,
+clipping at 1.0, the same random token batch. Ours is the real training path (train.Trainer on
+a one-rank group: FSDP2 with bf16 on a GPU, unwrapped in fp32 on CPU; LoRAUpdate; the chunked head
++ cross-entropy); theirs is PeftModel(LlamaForCausalLM) with `labels=` (full logits). Each side runs in its own child process so its peak memory is its own,
 measured over the training steps after loading (CUDA: max_memory_allocated; CPU: peak resident
 set size, weights and runtime included).
 A benchmark, not a test: it prints numbers and asserts nothing about speed.

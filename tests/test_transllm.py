@@ -15,7 +15,7 @@ from data.tokenfile import TokenFile
 from model import assets
 from model.chat import get_template
 from model.checkpoint import load
-from model.tcot import TCOTChat, generate_tcot, render_with_tags
+from model.tcot import TCOTChat, TCOTRunner, generate_tcot, render_with_tags
 from model.tokenizer import load_tokenizer
 from tests.conftest import need
 from train.trainer import run_main
@@ -131,6 +131,27 @@ def test_second_turn_context_is_the_english_exchange(llama2):
     assert "นี่คืออะไร" not in text and "แมว" not in text
     # a tag typed by the user stays plain text
     assert s["<TH>"] not in render_with_tags(t, [{"role": "user", "content": "x <TH> y"}])
+
+
+def test_tcot_runner_answers_mt_bench_turns_through_the_english_exchange(llama2):
+    from eval import mtbench
+    t, enc, s = get_template(llama2, "llama2", SYS), llama2.encode, llama2.special_tokens
+    turn1 = [s["<EN>"]] + enc(" What is it? ") + [s["<RESPONSE>"]] + enc(" It is a cat. ") + [s["<TH>"]] + enc(" แมว")
+    turn2 = [s["<EN>"]] + enc(" And a dog? ") + [s["<RESPONSE>"]] + enc(" A dog barks. ") + [s["<TH>"]] + enc(" หมาเห่า")
+    gen = FakeGen(turn1, turn2)
+    runner = TCOTRunner(None, llama2, t, generate_fn=gen)
+    questions = [{"question_id": 7, "category": "writing", "turns": ["นี่คืออะไร", "แล้วหมาล่ะ"], "lang": "th"}]
+    (record,) = mtbench.generate_answers(runner, questions)
+    assert record["answers"] == ["แมว", "หมาเห่า"]
+    assert record["thoughts"] == [{"en_query": "What is it?", "en_answer": "It is a cat."},
+                                  {"en_query": "And a dog?", "en_answer": "A dog barks."}]
+    # turn 2 saw the English exchange of turn 1, not the Thai one (as TCOTChat builds it)
+    assert gen.prompts[1] == render_with_tags(t, [{"role": "user", "content": "What is it?"},
+                                                  {"role": "assistant", "content": "<RESPONSE> It is a cat."},
+                                                  {"role": "user", "content": "แล้วหมาล่ะ"}])
+    with pytest.raises(ValueError, match="not answered by this runner"):
+        runner.answer([[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
+                        {"role": "user", "content": "z"}]])
 
 
 # ------------------------------------------------------------------ bad input, one line each
