@@ -115,11 +115,16 @@ def test_missing_tags_are_appended_and_generation_continues(llama2):
     assert r["appended"] == ["<RESPONSE>", "<TH>"] and (r["en_query"], r["en_answer"], r["answer"]) == ("Q?", "A.", "ตอบ")
 
 
-def test_second_turn_context_is_the_english_exchange(llama2):
-    t, enc, s = get_template(llama2, "llama2", SYS), llama2.encode, llama2.special_tokens
+def two_scripted_turns(tok) -> FakeGen:
+    """A model that answers "what is it?" (a cat) and then "and a dog?" (it barks) by TCOT."""
+    enc, s = tok.encode, tok.special_tokens
     turn1 = [s["<EN>"]] + enc(" What is it? ") + [s["<RESPONSE>"]] + enc(" It is a cat. ") + [s["<TH>"]] + enc(" แมว")
     turn2 = [s["<EN>"]] + enc(" And a dog? ") + [s["<RESPONSE>"]] + enc(" A dog barks. ") + [s["<TH>"]] + enc(" หมาเห่า")
-    gen = FakeGen(turn1, turn2)
+    return FakeGen(turn1, turn2)
+
+
+def test_second_turn_context_is_the_english_exchange(llama2):
+    t, s, gen = get_template(llama2, "llama2", SYS), llama2.special_tokens, two_scripted_turns(llama2)
     chat = TCOTChat(None, llama2, t, generate_fn=gen)
     assert chat("นี่คืออะไร") == "แมว" and chat("แล้วหมาล่ะ") == "หมาเห่า"
     expected = render_with_tags(t, [{"role": "user", "content": "What is it?"},
@@ -135,10 +140,7 @@ def test_second_turn_context_is_the_english_exchange(llama2):
 
 def test_tcot_runner_answers_mt_bench_turns_through_the_english_exchange(llama2):
     from eval import mtbench
-    t, enc, s = get_template(llama2, "llama2", SYS), llama2.encode, llama2.special_tokens
-    turn1 = [s["<EN>"]] + enc(" What is it? ") + [s["<RESPONSE>"]] + enc(" It is a cat. ") + [s["<TH>"]] + enc(" แมว")
-    turn2 = [s["<EN>"]] + enc(" And a dog? ") + [s["<RESPONSE>"]] + enc(" A dog barks. ") + [s["<TH>"]] + enc(" หมาเห่า")
-    gen = FakeGen(turn1, turn2)
+    t, s, gen = get_template(llama2, "llama2", SYS), llama2.special_tokens, two_scripted_turns(llama2)
     runner = TCOTRunner(None, llama2, t, generate_fn=gen)
     questions = [{"question_id": 7, "category": "writing", "turns": ["นี่คืออะไร", "แล้วหมาล่ะ"], "lang": "th"}]
     (record,) = mtbench.generate_answers(runner, questions)
