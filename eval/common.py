@@ -51,6 +51,22 @@ def max_len_of(model, default: int = 4096) -> int:
     return getattr(config, "max_seq_len", default) if config is not None else default
 
 
+def _right_padded_batches(sequences: list[list[int]], batch_size: int, pad_id: int, desc: str | None):
+    """Yield (indices, tokens[B,T]) over the sequences, longest first, right-padded with pad_id.
+
+    With causal attention a real token never sees the pad after it, so no padding mask is needed
+    and each row computes exactly what it would alone; sorting by length keeps padding small.
+    """
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=desc, disable=desc is None, leave=False):
+        T = max(len(sequences[i]) for i in batch)
+        tokens = torch.full((len(batch), T), pad_id, dtype=torch.long)
+        for row, i in enumerate(batch):
+            tokens[row, :len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
+        yield batch, tokens
+
+
 @torch.inference_mode()
 def score_tokens(model, sequences: list[list[int]], targets: list[list[bool]], batch_size: int = 8,
                  pad_id: int = 0, desc: str | None = None) -> list[tuple[float, int]]:
@@ -58,27 +74,18 @@ def score_tokens(model, sequences: list[list[int]], targets: list[list[bool]], b
 
     sequences[i]: token ids; targets[i]: bool per token, same length (position 0 has no context
     and is never scored). Returns one (sum log-prob, number of scored tokens) per sequence.
-
-    Rows are right-padded: with causal attention a real token never sees the pad after it, so no
-    padding mask is needed and each row computes exactly what it would alone. Rows are sorted
-    by length so a batch wastes little on padding.
     """
     if len(sequences) != len(targets):
         raise ValueError(f"{len(sequences)} sequences but {len(targets)} target masks")
+    for i, (seq, tgt) in enumerate(zip(sequences, targets)):
+        if len(seq) != len(tgt):
+            raise ValueError(f"sequence {i}: {len(seq)} tokens but {len(tgt)} target flags")
     device = _device(model)
     results: list[tuple[float, int] | None] = [None] * len(sequences)
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc=desc, disable=desc is None, leave=False):
-        T = max(len(sequences[i]) for i in batch)
-        tokens = torch.full((len(batch), T), pad_id, dtype=torch.long)
-        mask = torch.zeros(len(batch), T, dtype=torch.bool)
+    for batch, tokens in _right_padded_batches(sequences, batch_size, pad_id, desc):
+        mask = torch.zeros(tokens.shape, dtype=torch.bool)
         for row, i in enumerate(batch):
-            seq, tgt = sequences[i], targets[i]
-            if len(seq) != len(tgt):
-                raise ValueError(f"sequence {i}: {len(seq)} tokens but {len(tgt)} target flags")
-            tokens[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[row, :len(seq)] = torch.tensor(tgt, dtype=torch.bool)
+            mask[row, :len(targets[i])] = torch.tensor(targets[i], dtype=torch.bool)
         tokens = tokens.to(device)
         logits = model(tokens)[:, :-1].float()                      # [B,T-1,V] predicts tokens 1..T-1
         logp = torch.log_softmax(logits, dim=-1)
@@ -88,6 +95,25 @@ def score_tokens(model, sequences: list[list[int]], targets: list[list[bool]], b
         counts = scored.sum(-1).tolist()
         for row, i in enumerate(batch):
             results[i] = (sums[row], int(counts[row]))
+    return results  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def next_token_logprobs(model, contexts: list[list[int]], candidates: list[list[int]], batch_size: int = 8,
+                        pad_id: int = 0, desc: str | None = None) -> list[list[float]]:
+    """log p(candidate | context) for every candidate token id of each context, from ONE forward
+    pass per context (score_tokens would run one per candidate).
+
+    contexts[i]: token ids; candidates[i]: token ids -> [N][C_i] log-probs.
+    """
+    device = _device(model)
+    results: list[list[float] | None] = [None] * len(contexts)
+    for batch, tokens in _right_padded_batches(contexts, batch_size, pad_id, desc):
+        logits = model(tokens.to(device))                           # [B,T,V]
+        last = torch.tensor([len(contexts[i]) - 1 for i in batch], device=device)
+        logp = torch.log_softmax(logits[torch.arange(len(batch), device=device), last].float(), dim=-1)
+        for row, i in enumerate(batch):
+            results[i] = logp[row, candidates[i]].tolist()
     return results  # type: ignore[return-value]
 
 

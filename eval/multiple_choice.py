@@ -26,7 +26,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 
-from eval.common import encode_with_bos, max_len_of, score_tokens
+from eval.common import encode_with_bos, max_len_of, next_token_logprobs, score_tokens
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -104,21 +104,35 @@ def score_choices(model, tokenizer, prompts: list[str], choice_lists: list[list[
     """Log-likelihood of each continuation given its prompt.
 
     prompts[N], choice_lists[N][C_i] -> [N][C_i] (sum log-prob, scored tokens).
+    An item whose continuations are each ONE token after the same context (" A", " B", ... in the
+    letters style) is scored by one forward pass of that context (next_token_logprobs); any other
+    item by one pass per continuation (score_tokens). Both give log p(continuation | context).
     """
     limit = max_len_of(model)
     seqs, targets, owners = [], [], []
+    contexts, candidates, single_owners = [], [], []
     for n, (prompt, choices) in enumerate(zip(prompts, choice_lists)):
-        for c, cont in enumerate(choices):
+        encoded = []
+        for cont in choices:
             ids, start = split_context(tokenizer, prompt, cont)
             tgt = [False] * start + [True] * (len(ids) - start)
             if len(ids) > limit:  # keep the end: the continuation and the nearest context
                 ids, tgt = ids[-limit:], tgt[-limit:]
+            encoded.append((ids, tgt))
+        if encoded and all(sum(tgt) == 1 and tgt[-1] and ids[:-1] == encoded[0][0][:-1] for ids, tgt in encoded):
+            contexts.append(encoded[0][0][:-1])
+            candidates.append([ids[-1] for ids, _ in encoded])
+            single_owners.append(n)
+            continue
+        for c, (ids, tgt) in enumerate(encoded):
             seqs.append(ids)
             targets.append(tgt)
             owners.append((n, c))
-    flat = score_tokens(model, seqs, targets, batch_size=batch_size, pad_id=0, desc=desc)
     out: list[list[tuple[float, int]]] = [[None] * len(c) for c in choice_lists]  # type: ignore[list-item]
-    for (n, c), result in zip(owners, flat):
+    for n, logprobs in zip(single_owners, next_token_logprobs(model, contexts, candidates, batch_size, 0, desc)):
+        out[n] = [(lp, 1) for lp in logprobs]
+    for (n, c), result in zip(owners, score_tokens(model, seqs, targets, batch_size=batch_size, pad_id=0,
+                                                     desc=desc)):
         out[n][c] = result
     return out
 

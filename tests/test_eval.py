@@ -289,6 +289,31 @@ def test_real_tinystories_prefers_fluent_text():
     assert got["per_text_ppl"][0] < got["per_text_ppl"][1] / 3
 
 
+def test_one_token_choices_take_one_forward_pass_and_score_the_same():
+    # SmolLM2's byte-level BPE keeps " A" one token after "Answer:"; the weights need not be real
+    from model.checkpoint import load_tokenizer_only
+    tok = load_tokenizer_only(need(assets.smollm2_gguf))
+    model = Llama(preset("tiny", vocab_size=tok.vocab_size, max_seq_len=256)).init_weights(std=0.2, seed=0).eval()
+    items = [{"subject": "stories", "question": "Where did Lily play?", "choices": ["park", "sea", "bed", "car"],
+              "answer": 0},
+             {"subject": "stories", "question": "What is red?", "choices": ["a ball", "the sky", "grass"], "answer": 0}]
+    prompts = [multiple_choice.build_prompt(it) for it in items]
+    conts = [multiple_choice.continuations(it) for it in items]
+    for prompt, cont in zip(prompts, conts):  # the premise: each letter is one token after "Answer:"
+        assert all(len(ids) - start == 1 for ids, start in
+                   (multiple_choice.split_context(tok, prompt, c) for c in cont))
+    passes = []
+    hook = model.register_forward_hook(lambda m, args, out: passes.append(args[0].shape[0]))
+    fast = multiple_choice.score_choices(model, tok, prompts, conts, batch_size=1)
+    hook.remove()
+    assert passes == [1, 1]  # one pass per question, not one per choice
+    for prompt, cont, got in zip(prompts, conts, fast):
+        for c, (logprob, count) in zip(cont, got):
+            ids, start = multiple_choice.split_context(tok, prompt, c)
+            want = score_tokens(model, [ids], [[i >= start for i in range(len(ids))]])[0]
+            assert count == want[1] == 1 and logprob == pytest.approx(want[0], abs=1e-4)
+
+
 # ------------------------------------------------------------------ generation-based suites
 
 class FakeRunner:
