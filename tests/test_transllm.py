@@ -182,6 +182,18 @@ def test_kd_file_from_another_model_is_refused(tmp_path):
     assert build.read_kd(kd, expect=other)[0]["output"] == "Hello"
 
 
+def test_warmup_is_bounded_by_the_longest_stage_and_each_stage_takes_its_share(capsys):
+    from train.config import parse_args
+    from train.transllm import TransLLMConfig, stage_config
+    cfg = parse_args(TransLLMConfig, ["--warmup_steps", "3", "--steps1", "4", "--steps2", "2", "--steps3", "3"])
+    assert [stage_config(cfg, k).warmup_steps for k in (1, 2, 3)] == [3, 2, 3]
+    assert [stage_config(cfg, k).max_steps for k in (1, 2, 3)] == [4, 2, 3]
+    with pytest.raises(SystemExit):
+        parse_args(TransLLMConfig, ["--warmup_steps", "5", "--steps1", "4", "--steps2", "2", "--steps3", "3"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "warmup_steps=5 must be in [0, the longest stage (steps1/steps2/steps3)=4]" in err
+
+
 # ------------------------------------------------------------------ end to end
 def argv(base, out, *extra):
     return ["--model", str(base), "--out_dir", str(out), "--seq_len", "128", "--steps1", "2", "--steps2", "2",

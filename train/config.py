@@ -63,8 +63,14 @@ class TrainConfig:
         for name in ("max_steps", "grad_accum", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, max_steps={self.max_steps}]")
+        bound, steps = self.warmup_bound()
+        if self.warmup_steps < 0 or self.warmup_steps > steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, {bound}={steps}]")
+
+    def warmup_bound(self) -> tuple[str, int]:
+        """(name, steps): what warmup_steps may not exceed. A recipe that runs several trainings
+        with their own step counts (train/transllm.py) overrides it."""
+        return "max_steps", self.max_steps
 
 
 def to_dict(config) -> dict:

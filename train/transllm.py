@@ -125,6 +125,10 @@ class TransLLMConfig(RecipeConfig):
         if self.finetune != "lora":
             raise ValueError("TransLLM carries one LoRA adapter through its stages: --finetune must be lora")
 
+    def warmup_bound(self) -> tuple[str, int]:
+        # each stage warms up for min(warmup_steps, its own steps) (stage_config)
+        return "the longest stage (steps1/steps2/steps3)", max(self.steps1, self.steps2, self.steps3)
+
 
 # ------------------------------------------------------------------ paths and models
 def stage_dir(cfg: TransLLMConfig, k: int) -> Path:
