@@ -7,7 +7,7 @@ prompts fills the cache (prefill); then one token per step is fed back (decode).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -17,13 +17,18 @@ from model.llama import KVCache, Llama
 
 @dataclass
 class Sampling:
-    """How the next token is chosen. temperature 0 = greedy (argmax)."""
+    """How the next token is chosen. temperature 0 = greedy (argmax).
+
+    stop_ids: ids that end a row (excluded from the output). None = the model's own EOS ids
+    (config.eos_id); a chat caller passes its template's end-of-turn ids (model.runner does);
+    [] = never stop early (benchmarks, parity tests).
+    """
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_k: int = 0                   # keep the k most likely tokens (0 = all)
     top_p: float = 1.0               # keep the smallest set with this much probability mass
     repetition_penalty: float = 1.0  # CTRL-style: >1 discourages tokens already in the row
-    stop_ids: list[int] = field(default_factory=list)
+    stop_ids: list[int] | None = None
     seed: int | None = None
 
 
@@ -47,6 +52,13 @@ def choose_next(logits: torch.Tensor, s: Sampling, seen: torch.Tensor, gen: torc
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _stop_ids(s: Sampling, config) -> list[int]:
+    if s.stop_ids is not None:
+        return list(s.stop_ids)
+    eos = config.eos_id
+    return [i for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +95,7 @@ def generate(model: Llama, prompts: list[list[int]], sampling: Sampling | None =
     gen = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
     seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
     seen.scatter_(1, tokens, key_mask)
-    stop = torch.tensor(s.stop_ids or [-1], device=device)
+    stop = torch.tensor(_stop_ids(s, model.config) or [-1], device=device)
 
     logits = model(tokens, positions=positions, cache=cache, key_mask=key_mask)[:, -1]
     out: list[list[int]] = [[] for _ in range(B)]

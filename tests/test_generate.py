@@ -31,22 +31,22 @@ def prompts():
 def test_kv_cache_greedy_equals_recomputation():
     model = tiny_model()
     for prompt in prompts():
-        got = generate(model, [prompt], Sampling(max_new_tokens=20))[0]
+        got = generate(model, [prompt], Sampling(max_new_tokens=20, stop_ids=[]))[0]
         assert got == greedy_by_recomputation(model, prompt, 20)
 
 
 def test_left_padded_batch_equals_one_at_a_time():
     model = tiny_model()
-    alone = [generate(model, [p], Sampling(max_new_tokens=15))[0] for p in prompts()]
+    alone = [generate(model, [p], Sampling(max_new_tokens=15, stop_ids=[]))[0] for p in prompts()]
     assert len({tuple(a) for a in alone}) > 1  # the prompts really lead to different answers
     for attention in ("sdpa", "eager"):
         model.config.attention = attention
-        assert generate(model, prompts(), Sampling(max_new_tokens=15)) == alone
+        assert generate(model, prompts(), Sampling(max_new_tokens=15, stop_ids=[])) == alone
 
 
 def test_stop_ids_end_each_row_and_are_excluded():
     model = tiny_model()
-    full = generate(model, prompts(), Sampling(max_new_tokens=15))
+    full = generate(model, prompts(), Sampling(max_new_tokens=15, stop_ids=[]))
     stop = full[1][4]  # a token row 1 emits at step 4
     got = generate(model, prompts(), Sampling(max_new_tokens=15, stop_ids=[stop]))
     for row, tokens in zip(got, full):
@@ -57,13 +57,13 @@ def test_stop_ids_end_each_row_and_are_excluded():
 def test_streaming_callback_sees_every_token_in_order():
     model = tiny_model()
     seen = {}
-    got = generate(model, prompts(), Sampling(max_new_tokens=6), on_token=lambda r, t: seen.setdefault(r, []).append(t))
+    got = generate(model, prompts(), Sampling(max_new_tokens=6, stop_ids=[]), on_token=lambda r, t: seen.setdefault(r, []).append(t))
     assert [seen[r] for r in range(len(got))] == got
 
 
 def test_sampling_is_reproducible_with_a_seed():
     model = tiny_model()
-    s = Sampling(max_new_tokens=12, temperature=1.0, seed=123)
+    s = Sampling(max_new_tokens=12, temperature=1.0, seed=123, stop_ids=[])
     assert generate(model, prompts(), s) == generate(model, prompts(), s)
 
 
