@@ -8,7 +8,7 @@
 Sources:
 - aligned QA (XQuAD en/th): question + context in Thai is the query; the English side is the
   chain of thought; the Thai answer is the answer;
-- recovery-KD files (scripts/generate_kd.py): English instructions answered by the ORIGINAL
+- recovery-KD files (data/kd.py, scripts/generate_kd.py): English instructions answered by the ORIGINAL
   chat model. Each line records the model's identity (path + weights fingerprint); a file made
   by another model is refused, since recovering *this* model's knowledge needs *its* answers;
   with a translation source (a user-supplied translated file, or self-translation by the model
@@ -18,70 +18,18 @@ Errors are DataError, one line naming the file (and line).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Callable, Iterable
 
+from data.formats import TRANSLATE_PROMPT
+from data.kd import kd_query, model_identity, read_kd  # noqa: F401  (KD rows feed TCOT/recovery records)
 from data.readers import DataError, _lines, read_jsonl
+from model.generate import Sampling
+from model.runner import Runner
 
 LANGS = {"en": "English", "th": "Thai", "zh": "Traditional Chinese"}
-
-
-# ------------------------------------------------------------------ model identity (for KD)
-def _file_digest(path: Path, chunks: int = 16, chunk: int = 1 << 16) -> str:
-    """sha256 over the size and `chunks` evenly spaced 64 KiB slices: every tensor region of a
-    multi-GB file is sampled, in milliseconds, without reading it all."""
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        for k in range(chunks):
-            f.seek(max(0, (size - chunk) * k // max(chunks - 1, 1)))
-            h.update(f.read(chunk))
-    return h.hexdigest()
-
-
-def model_identity(path: str | os.PathLike) -> dict:
-    """{'path', 'fingerprint'} of an HF folder (weights + config) or a .gguf file."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
-    elif path.exists():
-        files = [path]
-    else:
-        raise FileNotFoundError(f"model path {path} does not exist")
-    if not files:
-        raise DataError(f"{path}: no weight files to fingerprint")
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + _file_digest(f).encode())
-    return {"path": str(path.resolve()), "fingerprint": h.hexdigest()[:24]}
-
-
-def instruction_id(record: dict) -> str:
-    """A stable id for an instruction record: its own 'id', else a hash of instruction + input."""
-    if record.get("id") is not None:
-        return str(record["id"])
-    text = f"{record.get('instruction', '')}\n{record.get('input', '')}"
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
-
-
-def read_kd(path: str | os.PathLike, expect: dict | None = None) -> list[dict]:
-    """Rows of a recovery-KD file; expect: model_identity(original model) -> every row must carry
-    the same fingerprint, else DataError naming the two models."""
-    path, rows = Path(path), []
-    for number, row in read_jsonl(path):
-        for key in ("id", "instruction", "output", "model"):
-            if key not in row:
-                raise DataError(f"{path}:{number}: KD row without {key!r}: not a scripts/generate_kd.py file")
-        got = (row["model"] or {}).get("fingerprint")
-        if expect is not None and got != expect["fingerprint"]:
-            raise DataError(f"{path}:{number}: KD answers come from another model ({row['model'].get('path')}, "
-                            f"fingerprint {got}) than {expect['path']} ({expect['fingerprint']}); "
-                            "regenerate them with scripts/generate_kd.py --model " + expect["path"])
-        rows.append(row)
-    return rows
 
 
 # ------------------------------------------------------------------ parallel text
@@ -144,12 +92,6 @@ def tcot_from_qa(path: str | os.PathLike, limit: int = 0, with_context: bool = T
     return out
 
 
-def kd_query(row: dict) -> str:
-    """The English user message of a KD row (instruction + input, as data.readers joins them)."""
-    extra = (row.get("input") or "").strip()
-    return f"{row['instruction'].strip()}\n\n{extra}" if extra else row["instruction"].strip()
-
-
 def recovery_rows(kd_rows: list[dict]) -> list[dict]:
     """KD rows -> recovery records (data.prepare format 'recovery' reads instruction/input/output)."""
     return [{"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]} for r in kd_rows]
@@ -187,10 +129,8 @@ def tcot_from_kd(kd_rows: list[dict], translations: dict[str, dict] | None = Non
 def self_translator(model, tokenizer, template, max_new_tokens: int = 128, batch_size: int = 8,
                     progress: bool = True) -> Translate:
     """Translation by a model through the translation SFT prompt (data.formats.TRANSLATE_PROMPT),
-    batched and greedy (eval.common.ChatRunner)."""
-    from data.formats import TRANSLATE_PROMPT
-    from eval.common import ChatRunner
-    runner = ChatRunner(model, tokenizer, template, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    batched and greedy (model.runner.Runner)."""
+    runner = Runner(model, tokenizer, template, Sampling(max_new_tokens=max_new_tokens), batch_size=batch_size)
 
     def translate(texts: list[str], source_lang: str, target_lang: str) -> list[str]:
         prompts = [TRANSLATE_PROMPT.format(source_lang=source_lang, target_lang=target_lang, text=t.strip())

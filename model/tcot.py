@@ -14,9 +14,23 @@ from __future__ import annotations
 
 from typing import Callable
 
-from model.chat import ChatTemplate
+from tqdm import tqdm
 
-TAGS = ("<EN>", "<RESPONSE>", "<TH>")
+from model.chat import ChatTemplate
+from model.generate import Sampling
+from model.runner import Runner
+
+
+def tcot_tags(tag: str = "TH") -> tuple[str, str, str]:
+    """The TransLLM special tokens for a target-language tag: ('<EN>', '<RESPONSE>', '<TAG>').
+    The one definition: vocabulary extension adds them, the formats train them, inference reads
+    them."""
+    if not tag or not tag.isalnum():
+        raise ValueError(f"--tag {tag!r}: a target-language tag is letters/digits, e.g. TH or ZH")
+    return ("<EN>", "<RESPONSE>", f"<{tag}>")
+
+
+TAGS = tcot_tags("TH")
 Generate = Callable[[list[int]], list[int]]  # prompt ids -> new ids (stop token excluded)
 
 
@@ -53,18 +67,12 @@ def split_tcot(text: str, tags=TAGS) -> dict:
     return {"en_query": between(en, response), "en_answer": between(response, target), "answer": between(target, None)}
 
 
-def greedy_generator(model, template: ChatTemplate, max_new_tokens: int = 256, pad_id: int | None = None) -> Generate:
-    """Our batched generate, greedy, stopping at the template's end-of-turn ids."""
-    from model.generate import Sampling, generate
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0.0,
-                        stop_ids=[i for i in template.stop_ids if i is not None])
-    tok = template.tokenizer
-    pad = pad_id if pad_id is not None else next((i for i in (tok.pad_id, tok.eos_id) if i is not None), 0)
-
-    def run(prompt: list[int]) -> list[int]:
-        room = model.config.max_seq_len - sampling.max_new_tokens
-        return generate(model, [prompt[-room:]], sampling, pad_id=pad)[0]
-    return run
+def greedy_generator(model, template: ChatTemplate, max_new_tokens: int = 256) -> Generate:
+    """Greedy generation through model.runner.Runner (stops at the template's end-of-turn ids;
+    a prompt too long for the context keeps its newest tokens)."""
+    runner = Runner(model, template.tokenizer, template, Sampling(max_new_tokens=max_new_tokens, temperature=0.0),
+                    batch_size=1)
+    return lambda prompt: runner.complete([prompt])[0]
 
 
 def generate_tcot(model, tokenizer, template: ChatTemplate, question: str, history: list[dict] | None = None,
@@ -97,15 +105,15 @@ class TCOTChat:
     the Thai answer; the English exchanges are kept as the context of later turns."""
 
     def __init__(self, model, tokenizer, template: ChatTemplate, max_new_tokens: int = 256,
-                 generate_fn: Generate | None = None, show_thoughts: bool = False, write=print):
-        self.model, self.tokenizer, self.template = model, tokenizer, template
-        self.max_new_tokens, self.generate_fn = max_new_tokens, generate_fn
+                 generate_fn: Generate | None = None, show_thoughts: bool = False, write=print, tags=TAGS):
+        self.model, self.tokenizer, self.template, self.tags = model, tokenizer, template, tuple(tags)
+        self.generate_fn = generate_fn or greedy_generator(model, template, max_new_tokens)
         self.show_thoughts, self.write = show_thoughts, write
         self.history: list[dict] = []
 
     def __call__(self, question: str) -> str:
         turn = generate_tcot(self.model, self.tokenizer, self.template, question, self.history,
-                             self.max_new_tokens, generate_fn=self.generate_fn)
+                             tags=self.tags, generate_fn=self.generate_fn)
         self.history.append(turn)
         if self.show_thoughts:
             self.write(f"[EN query] {turn['en_query']}\n[EN answer] {turn['en_answer']}")
@@ -126,20 +134,19 @@ class TCOTRunner:
     """
 
     def __init__(self, model, tokenizer, template: ChatTemplate, max_new_tokens: int = 256,
-                 generate_fn: Generate | None = None):
-        self.model, self.tokenizer, self.template = model, tokenizer, template
-        self.max_new_tokens, self.generate_fn = max_new_tokens, generate_fn
+                 generate_fn: Generate | None = None, tags=TAGS):
+        self.model, self.tokenizer, self.template, self.tags = model, tokenizer, template, tuple(tags)
+        self.generate_fn = generate_fn or greedy_generator(model, template, max_new_tokens)
         self.turns: dict[tuple[str, str], dict] = {}
         self.truncated = 0  # ChatRunner's counter; generate_tcot keeps the newest tokens itself
 
     def answer(self, conversations: list[list[dict]], desc: str | None = "tcot") -> list[str]:
-        from tqdm import tqdm
         answers = []
         for messages in tqdm(conversations, desc=desc, disable=desc is None, leave=False):
             *earlier, last = messages
             history = [self._turn(q["content"], a["content"]) for q, a in zip(earlier[0::2], earlier[1::2])]
             turn = generate_tcot(self.model, self.tokenizer, self.template, last["content"], history,
-                                 self.max_new_tokens, generate_fn=self.generate_fn)
+                                 tags=self.tags, generate_fn=self.generate_fn)
             self.turns[(turn["question"], turn["answer"])] = turn
             answers.append(turn["answer"])
         return answers

@@ -167,7 +167,7 @@ def test_parallel_files_with_different_line_counts(tmp_path):
 
 
 def test_kd_file_from_another_model_is_refused(tmp_path):
-    from scripts.generate_kd import pending
+    from data.kd import pending
     ours = build.model_identity(need(assets.tinystories_dir))
     other = {"path": "/models/other", "fingerprint": "0" * 24}
     kd = tmp_path / "kd.jsonl"

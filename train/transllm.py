@@ -33,10 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # torchrun trai
 
 import torch  # noqa: E402
 
+from data import kd  # noqa: E402
 from data import tcot as build  # noqa: E402
 from data.readers import DataError, read_txt  # noqa: E402
 from data.tokenfile import TokenFile, tokenizer_identity, write_token_file  # noqa: E402
 from model.chat import get_template  # noqa: E402
+from model.generate import Sampling  # noqa: E402
+from model.runner import Runner  # noqa: E402
 from train import distributed  # noqa: E402
 from train.config import _meta, parse_args  # noqa: E402
 from train.errors import TrainError  # noqa: E402
@@ -271,16 +274,16 @@ def kd_for_stage3(cfg: TransLLMConfig) -> list[dict]:
     path = Path(cfg.kd) if cfg.kd else _data_dir(cfg) / "kd.jsonl"
     try:
         if not cfg.kd:
-            from scripts.generate_kd import generate_kd, pending
-            rows, done = pending(cfg.kd_instructions, path, identity, cfg.kd_limit)
+            rows, done = kd.pending(cfg.kd_instructions, path, identity, cfg.kd_limit)
             if rows:
                 from model.checkpoint import load
                 print(f"stage 3: recovery KD: the original model {original} answers {len(rows)} instructions "
                       f"({done} already done)", flush=True)
                 model, tokenizer = load(original, dtype=torch.float32)
-                generate_kd(model, tokenizer, template_of(cfg, tokenizer), rows, path, identity,
-                            cfg.kd_max_new_tokens, progress=cfg.progress)
-                del model
+                runner = Runner(model, tokenizer, template_of(cfg, tokenizer),
+                                Sampling(max_new_tokens=cfg.kd_max_new_tokens))
+                kd.generate_kd(runner, rows, path, identity, progress=cfg.progress)
+                del model, runner
         return build.read_kd(path, expect=identity)
     except DataError as err:
         raise TrainError(str(err)) from None
