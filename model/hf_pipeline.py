@@ -1,8 +1,9 @@
 """The pieces of an HF tokenizer.json around its BPE model, interpreted by hand.
 
 tokenizer.json (the `tokenizers` library's format) describes a pipeline:
-normalizer (text -> text) -> pre_tokenizer (text -> pieces) -> model (piece -> ids), and back
-through a decoder (token strings -> text). Only the components used by the tokenizers we ship
+normalizer (text -> text) -> pre_tokenizer (text -> pieces) -> model (piece -> ids) ->
+post_processor (special tokens around the ids), and back through a decoder (token strings ->
+text). Only the components used by the tokenizers we ship
 for are supported; anything else is a ValueError naming the component, never a silent
 approximation.
 """
@@ -100,6 +101,50 @@ def decoder(spec: dict | None, where: str) -> Decoder:
 
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-F]{2})>")
+
+
+def post_processor(spec: dict | None, where: str) -> tuple[list[int], list[int]]:
+    """tokenizer.json "post_processor" -> (ids put before, ids put after) one text, as the
+    `tokenizers` library frames it by default (add_special_tokens=True). The LLaMA-3 hub file
+    hides its BOS in Sequence[ByteLevel, TemplateProcessing]; ByteLevel only fixes offsets."""
+    if spec is None:
+        return [], []
+    kind = spec.get("type")
+    if kind == "ByteLevel":
+        return [], []
+    if kind == "Sequence":
+        before: list[int] = []
+        after: list[int] = []
+        for step in spec["processors"]:  # each step wraps what the previous ones produced
+            b, a = post_processor(step, where)
+            before, after = b + before, after + a
+        return before, after
+    if kind == "TemplateProcessing":
+        return _template_single(spec, where)
+    if kind in ("RobertaProcessing", "BertProcessing"):  # cls text sep: cls/sep are [token, id]
+        return [int(spec["cls"][1])], [int(spec["sep"][1])]
+    raise ValueError(f"{where}: unsupported post_processor {kind!r}")
+
+
+def _template_single(spec: dict, where: str) -> tuple[list[int], list[int]]:
+    """TemplateProcessing's "single" template: special tokens, then $A, then special tokens."""
+    before: list[int] = []
+    after: list[int] = []
+    seen_text = False
+    for item in spec["single"]:
+        if "Sequence" in item:
+            if item["Sequence"]["id"] != "A" or seen_text:
+                raise ValueError(f"{where}: post_processor single template {spec['single']} is not '[specials] $A [specials]'")
+            seen_text = True
+        else:
+            name = item["SpecialToken"]["id"]
+            ids = spec.get("special_tokens", {}).get(name, {}).get("ids")
+            if ids is None:
+                raise ValueError(f"{where}: post_processor special token {name!r} has no ids in special_tokens")
+            (after if seen_text else before).extend(int(i) for i in ids)
+    if not seen_text:
+        raise ValueError(f"{where}: post_processor single template has no $A")
+    return before, after
 
 
 def _byte_fallback(toks: list[str]) -> list[str]:

@@ -10,7 +10,7 @@ How the merge keeps the old model intact:
 - old pieces keep their ids, scores and order; new pieces are appended as NORMAL pieces, then
   the tags (`<EN>`, `<RESPONSE>`, `<TH>`) as CONTROL pieces, all at the protobuf wire level:
   a repeated field may occur anywhere in a message, so appending `field 1` records to the
-  serialized ModelProto appends pieces (see model/tokenizer._sp_piece);
+  serialized ModelProto appends pieces (see model/spm.sp_piece);
 - only pieces containing a character of the target script are added (`script`), so text
   without such a character cannot reach a new piece and encodes exactly as before. A Thai
   vocabulary learnt on real text also holds Latin pieces ('eration', '▁25'); adding those would
@@ -32,9 +32,8 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from model.tokenizer import SentencePieceTokenizer, _pb_field, _sp_piece
+from model.spm import SP_NORMAL, SentencePieceTokenizer, pb_field, sp_piece
 
-_SP_NORMAL = 1
 SCRIPTS = {  # character classes of target scripts; a new piece must contain one such character
     "thai": "[\u0e00-\u0e7f]",
     "cjk": "[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]",
@@ -104,7 +103,7 @@ def merge_sentencepiece(base: SentencePieceTokenizer, target_proto: bytes, scrip
         if max_new and len(added) >= max_new:
             break
     # Below every old piece, in the target model's order: old merges always win.
-    records = b"".join(_sp_piece(p, floor - 1.0 - k, _SP_NORMAL) for k, p in enumerate(added))
+    records = b"".join(sp_piece(p, floor - 1.0 - k, SP_NORMAL) for k, p in enumerate(added))
     merged = SentencePieceTokenizer(base.proto + records, base.source)
     merged.chat_template = base.chat_template
     return merged, added
@@ -142,7 +141,7 @@ def _no_prefix_processor(tok: SentencePieceTokenizer):
     merges into the earlier one, so appending a normalizer_spec (field 3) with
     add_dummy_prefix (3) = false and remove_extra_whitespaces (4) = false overrides just those."""
     import sentencepiece as spm
-    override = _pb_field(3, _pb_field(3, False) + _pb_field(4, False))
+    override = pb_field(3, pb_field(3, False) + pb_field(4, False))
     return spm.SentencePieceProcessor(model_proto=tok.proto + override)
 
 

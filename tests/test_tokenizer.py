@@ -1,4 +1,4 @@
-"""model/tokenizer.py against reference tokenizers on real English, Thai and Traditional Chinese.
+"""model/tokenizer.py (+ spm.py, tokenizer_json.py, gguf_tokenizer.py) against reference tokenizers on real English, Thai and Traditional Chinese.
 
 References (test oracles only): sentencepiece for LLaMA-2, tiktoken (with Meta's own pattern and
 special tokens) for LLaMA-3, the `tokenizers` library for SmolLM2 (built from the GGUF
@@ -13,7 +13,8 @@ import itertools
 import pytest
 
 from model import assets
-from model.tokenizer import load_tokenizer, tokenizer_from_gguf
+from model.gguf_tokenizer import tokenizer_from_gguf
+from model.tokenizer import LLAMA3_SPECIALS, load_tokenizer
 from tests.conftest import need, need_module
 
 EDGE = ["", " ", "   leading spaces", "trailing  ", "a  b   c\n\n\n  d\t\t e", "line\r\nbreak\n",
@@ -80,10 +81,9 @@ def test_llama3_matches_tiktoken(llama3):
     tiktoken = need_module("tiktoken")
     from tiktoken.load import load_tiktoken_bpe
     from model.pretokenize import LLAMA3_PATTERN
-    from model.tokenizer import _LLAMA3_SPECIALS
     ranks = load_tiktoken_bpe(str(assets.llama3_tokenizer()))
     ref = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
-                            special_tokens={s: 128000 + i for i, s in enumerate(_LLAMA3_SPECIALS)})
+                            special_tokens={s: 128000 + i for i, s in enumerate(LLAMA3_SPECIALS)})
     _check(llama3, ref.encode_ordinary, _texts())
     assert llama3.vocab_size == 128256
     for piece, i in [("<|begin_of_text|>", 128000), ("<|end_of_text|>", 128001), ("<|start_header_id|>", 128006),
@@ -96,8 +96,7 @@ def test_llama3_special_list_matches_meta():
     need(assets.llama3_tokenizer)
     tiktoken = need_module("tiktoken")  # llama_models imports it
     from llama_models.llama3.tokenizer import Tokenizer as Meta
-    from model.tokenizer import _LLAMA3_SPECIALS
-    assert tiktoken and Meta(assets.llama3_tokenizer()).special_tokens == {s: 128000 + i for i, s in enumerate(_LLAMA3_SPECIALS)}
+    assert tiktoken and Meta(assets.llama3_tokenizer()).special_tokens == {s: 128000 + i for i, s in enumerate(LLAMA3_SPECIALS)}
 
 
 def _smollm2_reference(meta):
