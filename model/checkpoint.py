@@ -45,9 +45,9 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
         tensors = _iter_safetensors(path)
     if attention:
         config.attention = attention
-    tokenizer = load_tokenizer_only(path)
+    tok = load_tokenizer_only(path) if tokenizer else None
     model = _build(config, tensors, dtype, torch.device(device), str(path))
-    return model.eval(), tokenizer
+    return model.eval(), tok
 
 
 def load_tokenizer_only(path: str | os.PathLike):
