@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 from model.config import LlamaConfig
 from model.llama import Llama
-from model.tokenizer import load_tokenizer, tokenizer_from_gguf
+from model.gguf_tokenizer import tokenizer_from_gguf
+from model.tokenizer import load_tokenizer
 
 # Tensors some checkpoints carry that the model recomputes instead of storing.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -45,9 +46,9 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
         tensors = _iter_safetensors(path)
     if attention:
         config.attention = attention
-    tok = load_tokenizer_only(path) if tokenizer else None
+    tokenizer = load_tokenizer_only(path)
     model = _build(config, tensors, dtype, torch.device(device), str(path))
-    return model.eval(), tok
+    return model.eval(), tokenizer
 
 
 def load_tokenizer_only(path: str | os.PathLike):
