@@ -1,5 +1,9 @@
 """Load a model + tokenizer from an HF folder or a GGUF file; save in HF format.
 
+HF folders of Llama, Mistral and Qwen2 models load (model/config.py says which config keys are
+honoured and which are refused); save() writes the family's own model_type and architecture, so
+transformers loads the folder as LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM.
+
 Loading builds the model on the meta device (no memory, no random init) and then fills it one
 tensor at a time from safetensors' memory map (or the GGUF dequantiser), so peak memory stays
 near one copy of the weights. Saving writes an HF folder (config.json, safetensors shards with an
@@ -29,11 +33,14 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-         attention: str | None = None):
-    """path: an HF folder or a .gguf file -> (Llama in eval mode, Tokenizer).
+         attention: str | None = None, tokenizer: bool = True):
+    """path: an HF folder or a .gguf file -> (Llama in eval mode, Tokenizer or None).
 
     dtype: None keeps the stored dtype (float32 for GGUF, whose quantised weights are dequantised).
     attention: sdpa | eager | triton (default: the config's, sdpa).
+    tokenizer: False loads the weights alone (intermediate checkpoints often have no tokenizer
+    files) and returns None for it; True refuses a folder without them, naming the files.
+    The config is checked (and refused in one line) before the tokenizer or any tensor is read.
     """
     path = _existing(path)
     if path.suffix == ".gguf":
@@ -46,9 +53,9 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
         tensors = _iter_safetensors(path)
     if attention:
         config.attention = attention
-    tokenizer = load_tokenizer_only(path)
+    tok = load_tokenizer_only(path) if tokenizer else None
     model = _build(config, tensors, dtype, torch.device(device), str(path))
-    return model.eval(), tokenizer
+    return model.eval(), tok
 
 
 def load_tokenizer_only(path: str | os.PathLike):
@@ -157,7 +164,7 @@ def save(model: Llama, tokenizer, folder: str | os.PathLike, max_shard_bytes: in
             state = {k: v.to(dtype) for k, v in state.items()}
         _write_shards(state, tmp, max_shard_bytes)
         config = model.config.to_hf()
-        config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        config["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")  # transformers 5's name
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         gen = {"bos_token_id": model.config.bos_id, "eos_token_id": model.config.eos_id}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))

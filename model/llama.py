@@ -1,5 +1,6 @@
-"""A LLaMA-family decoder in one file: RMSNorm, rotary embedding, GQA attention with a KV cache,
-SwiGLU MLP, tied or untied head.
+"""A LLaMA-family decoder in one file: RMSNorm, rotary embedding (plain, linear, llama3, dynamic
+NTK, YaRN), GQA attention with a KV cache, SwiGLU MLP, optional projection biases (Qwen2's q/k/v),
+tied or untied head. One model serves Llama, Mistral and Qwen2 checkpoints (model/config.py).
 
 Module and parameter names follow Hugging Face (`model.layers.0.self_attn.q_proj.weight`), so an
 HF state dict loads with no renaming, and q/k use HF's rotate-half rotary layout, so no
@@ -34,21 +35,34 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps)
 
 
-def rope_inv_freq(config: LlamaConfig, device=None) -> torch.Tensor:
-    """Rotation speed of each of the hd/2 pairs: theta^(-2i/hd), rescaled for long context.
+def rope_inv_freq(config: LlamaConfig, device=None, seq_len: int | None = None) -> torch.Tensor:
+    """Rotation speed of each of the hd/2 pairs [hd/2]: theta^(-2i/hd), rescaled for long context
+    as transformers' modeling_rope_utils does for each rope_type:
 
-    llama3 scaling (Llama 3.1) leaves high frequencies alone, divides low frequencies (wavelength
-    longer than the original context / low_freq_factor) by `factor`, and interpolates smoothly
-    in between. 'linear' divides all of them by `factor`.
+    linear:  all divided by `factor`.
+    llama3:  (Llama 3.1) high frequencies kept, low ones (wavelength longer than the original
+             context / low_freq_factor) divided by `factor`, a smooth blend in between.
+    dynamic: (NTK) theta grows with the sequence length seq_len once it passes max_seq_len;
+             below it plain rope. seq_len = the highest position + 1 of the current forward.
+    yarn:    interpolated (divided by `factor`) below a ramp of pair indices, extrapolated
+             (kept) above it; see `rope_attention_factor` for its cos/sin scale.
     """
     hd = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
     scaling = config.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    kind = scaling.get("rope_type", "default")
+    exponents = torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd  # 2i/hd
+    if kind == "yarn":
+        return _yarn_inv_freq(config, exponents)
+    theta = _dynamic_theta(config, seq_len) if kind == "dynamic" else config.rope_theta
+    inv_freq = 1.0 / (theta ** exponents)
     if kind == "linear":
         return inv_freq / scaling["factor"]
-    if kind != "llama3":
-        return inv_freq
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    return inv_freq
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_ctx = scaling["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
@@ -59,11 +73,84 @@ def rope_inv_freq(config: LlamaConfig, device=None) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """positions[B,T] (int) -> cos, sin [B,T,hd], computed in fp32 then cast (as HF does)."""
+def _dynamic_theta(config: LlamaConfig, seq_len: int | None):
+    """NTK-aware base for a sequence of seq_len positions: theta * (factor * seq_len / max_seq_len
+    - (factor - 1)) ^ (hd / (hd - 2)). Computed as transformers does at run time, from a tensor
+    length in float32, so the frequencies match it to the last bit."""
+    if seq_len is None or seq_len <= config.max_seq_len:
+        return config.rope_theta
+    factor, hd = config.rope_scaling["factor"], config.head_dim
+    length = torch.tensor(seq_len, dtype=torch.int64)
+    return config.rope_theta * ((factor * length / config.max_seq_len) - (factor - 1)) ** (hd / (hd - 2))
+
+
+def _yarn_factor(config: LlamaConfig) -> float:
+    scaling = config.rope_scaling
+    if scaling["factor"] is not None:
+        return scaling["factor"]
+    return config.max_seq_len / scaling["original_max_position_embeddings"]
+
+
+def _yarn_inv_freq(config: LlamaConfig, exponents: torch.Tensor) -> torch.Tensor:
+    """YaRN: pair i keeps its speed (extrapolation) if it turns more than beta_fast times over the
+    original context, is divided by `factor` (interpolation) if less than beta_slow times, and
+    is blended linearly between the two pair indices."""
+    scaling, hd, theta = config.rope_scaling, config.head_dim, config.rope_theta
+    factor, old_ctx = _yarn_factor(config), scaling["original_max_position_embeddings"]
+    pos_freqs = theta ** exponents
+    extrapolated, interpolated = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+
+    def pair_index(turns: float) -> float:  # the (fractional) pair that turns `turns` times over old_ctx
+        return hd * math.log(old_ctx / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_index(scaling.get("beta_fast") or 32), pair_index(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, hd - 1)
+    if low == high:
+        high += 0.001  # a ramp of width 0 would divide by zero
+    ramp = ((torch.arange(hd // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(exponents.device)
+    keep = 1 - ramp  # share of the extrapolated (unscaled) speed
+    return interpolated * (1 - keep) + extrapolated * keep
+
+
+def rope_attention_factor(config: LlamaConfig) -> float:
+    """The scale YaRN puts on cos and sin (so on every attention logit, squared): the config's
+    attention_factor, else 0.1 ln(factor) + 1 (or the mscale / mscale_all_dim ratio). 1 otherwise."""
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type") != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return scaling["attention_factor"]
+    factor = _yarn_factor(config)
+
+    def mscale(m: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return mscale(scaling["mscale"]) / mscale(scaling["mscale_all_dim"])
+    return mscale()
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
+    """positions[B,T] (int) -> cos, sin [B,T,hd] (times `scale`), in fp32 then cast (as HF does)."""
     angles = positions[..., None].float() * inv_freq  # [B,T,hd/2]
     angles = torch.cat((angles, angles), dim=-1)      # rotate-half layout: both halves share angles
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
+
+
+def rope_tables(config: LlamaConfig, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin [B,T,hd] for positions[B,T] under the config's rope type.
+
+    Dynamic rope depends on the longest sequence: like transformers, the frequencies of a forward
+    come from its highest position + 1. During KV-cache decoding the cached keys keep the
+    rotation they were given when computed; each new token uses the frequencies of its own
+    length. That is what transformers' generate does too (it recomputes inv_freq as the length
+    grows and never re-rotates its cache).
+    """
+    dynamic = (config.rope_scaling or {}).get("rope_type") == "dynamic"
+    seq_len = int(positions.max()) + 1 if dynamic and positions.numel() else None
+    inv_freq = rope_inv_freq(config, positions.device, seq_len)
+    return rope_cos_sin(inv_freq, positions, dtype, rope_attention_factor(config))
 
 
 class KVCache:
@@ -118,10 +205,11 @@ class Attention(nn.Module):
         super().__init__()
         self.config, self.layer = config, layer
         H, K, hd, D = config.n_heads, config.n_kv_heads, config.head_dim, config.dim
-        self.q_proj = nn.Linear(D, H * hd, bias=False)
-        self.k_proj = nn.Linear(D, K * hd, bias=False)
-        self.v_proj = nn.Linear(D, K * hd, bias=False)
-        self.o_proj = nn.Linear(H * hd, D, bias=False)
+        bias = config.proj_bias  # e.g. Qwen2: q, k and v
+        self.q_proj = nn.Linear(D, H * hd, bias="q_proj" in bias)
+        self.k_proj = nn.Linear(D, K * hd, bias="k_proj" in bias)
+        self.v_proj = nn.Linear(D, K * hd, bias="v_proj" in bias)
+        self.o_proj = nn.Linear(H * hd, D, bias="o_proj" in bias)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         """x[B,T,D] -> [B,T,D]."""
@@ -152,9 +240,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        bias = config.proj_bias
+        self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias="gate_proj" in bias)
+        self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias="up_proj" in bias)
+        self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias="down_proj" in bias)
 
     def forward(self, x):
         """x[B,T,D] -> down(silu(gate(x)) * up(x)) [B,T,D]."""
@@ -213,8 +302,12 @@ class Llama(nn.Module):
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        window = self.config.sliding_window
+        if window is not None and start + T > window:
+            raise ValueError(f"{start + T} positions exceed sliding_window={window}: sliding-window "
+                             "attention is not implemented")
         x = self.model.embed_tokens(tokens)
-        cos, sin = rope_cos_sin(rope_inv_freq(self.config, tokens.device), positions, x.dtype)
+        cos, sin = rope_tables(self.config, positions, x.dtype)
         mask = attention_mask(T, start + T, key_mask, tokens.device, segments)
         for block in self.model.layers:
             if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
@@ -228,11 +321,14 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None):
-        """Random init as HF does: normal(0, std) for linear and embedding weights, ones for norms."""
+        """Random init as HF does: normal(0, std) for linear and embedding weights, ones for norms,
+        zeros for biases."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
         return self

@@ -2,7 +2,9 @@
 
     y = x W^T + (dropout(x) A^T B^T) * alpha / r        W [out,in] frozen, A [r,in], B [out,r]
 
-A starts kaiming-uniform and B at zero, so training starts from exactly the base model.
+A starts kaiming-uniform and B at zero, so training starts from exactly the base model. A base
+layer's bias (Qwen2's q/k/v) stays as it is: frozen, added once, untouched by merging, and not in
+the adapter, as PEFT's bias="none" has it.
 
 `LoRALinear` subclasses nn.Linear and keeps the base matrix at `<name>.weight`, so the model's
 HF names (and checkpoint loading) are unchanged; the update lives at `<name>.lora_A/lora_B`.

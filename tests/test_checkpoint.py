@@ -89,6 +89,39 @@ def test_gguf_greedy_output_equals_hf_form(smollm2):
     assert "Paris" in tokenizer.decode(from_gguf)
 
 
+def test_smollm2_through_transformers5_save_pretrained_loads_with_the_gguf_logits(smollm2, tmp_path):
+    """GGUF -> our save() -> transformers -> transformers 5's save_pretrained (rope_parameters
+    form) -> our load(): the logits of the GGUF path, and our folder reads as transformers wrote it."""
+    transformers = need_module("transformers")
+    model, tokenizer, folder = smollm2
+    ours_config = json.loads((folder / "config.json").read_text())
+    assert "rope_theta" not in ours_config and "rope_scaling" not in ours_config
+    assert ours_config["rope_parameters"] == {"rope_type": "default", "rope_theta": 100000.0}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    hf.save_pretrained(tmp_path / "hf5")
+    theirs = json.loads((tmp_path / "hf5" / "config.json").read_text())
+    assert theirs["rope_parameters"] == ours_config["rope_parameters"] and "rope_theta" not in theirs
+    again, no_tokenizer = load(tmp_path / "hf5", tokenizer=False)  # save_pretrained wrote no tokenizer
+    assert no_tokenizer is None
+    tokens = torch.tensor([chat_prompt(tokenizer, "Name three colours of the rainbow.")])
+    with torch.no_grad():
+        want = model(tokens)
+        assert (again(tokens) - want).abs().max().item() <= 1e-5
+        assert (hf(tokens).logits - want).abs().max().item() < 1e-4
+
+
+def test_weights_only_folder_loads_without_a_tokenizer_and_says_what_is_missing(tmp_path):
+    model = Llama(preset("tiny")).init_weights(seed=0).eval()
+    out = save(model, None, tmp_path / "step_100")  # an intermediate checkpoint: no tokenizer files
+    again, tokenizer = load(out, tokenizer=False)
+    assert tokenizer is None
+    x = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+    with pytest.raises(ValueError, match=r"step_100.*tokenizer\.json.*tokenizer\.model"):
+        load(out)
+
+
 def test_saved_chat_template_survives(smollm2):
     _, tokenizer, folder = smollm2
     _, tok2 = load(folder)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import torch
 
+from model.checkpoint import load, save
 from model.config import preset
 from model.llama import Llama
 from model.lora import (ALL_LINEAR, LoRALinear, LoRAUpdate, apply_lora, dropout_keep_mask, load_adapter,
-                        lora_update_reference, merge_lora, save_adapter)
+                        lora_modules, lora_update_reference, merge_lora, save_adapter)
 from tests.conftest import need_module
 
 
@@ -83,6 +84,67 @@ def test_peft_loads_our_adapter_with_the_same_logits(tmp_path):
     peft_model = peft.PeftModel.from_pretrained(hf.eval(), tmp_path / "adapter").eval()
     with torch.no_grad():
         assert (peft_model(tokens()).logits - model(tokens())).abs().max() < 1e-4
+
+
+def tiny_qwen2(folder):
+    """A random transformers Qwen2 (q/k/v bias, tied head) saved by save_pretrained, and the same
+    checkpoint loaded by us with a nonzero LoRA on every linear layer."""
+    transformers = need_module("transformers")
+    config = transformers.Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=96, vocab_size=300,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # transformers inits biases at zero; make them count
+        for name, p in hf.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    hf.save_pretrained(folder)
+    model, _ = load(folder, tokenizer=False)
+    apply_lora(model, r=4, alpha=8, dropout=0.0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in lora_modules(model):
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+    return hf, model.eval()
+
+
+def test_qwen2_lora_keeps_the_bias_frozen_and_peft_gives_the_same_logits(tmp_path):
+    transformers, peft = need_module("transformers"), need_module("peft")
+    hf, model = tiny_qwen2(tmp_path / "base")
+    biases = {n: p for n, p in model.named_parameters() if n.endswith(".bias")}
+    assert len(biases) == 3 * 2 and not any(p.requires_grad for p in biases.values())  # q/k/v of 2 layers
+    save_adapter(model, tmp_path / "adapter")
+    with torch.no_grad():
+        ours, base = model(tokens()), hf(tokens()).logits
+        assert (base - ours).abs().max() > 1e-2  # the adapter is not a no-op
+        peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()  # wraps hf in place
+        assert (peft_model(tokens()).logits - ours).abs().max() < 1e-4
+    # merged and saved: a plain Qwen2 checkpoint that transformers loads with the same logits
+    merged = save(merge_lora(model), None, tmp_path / "merged")
+    again = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert type(again).__name__ == "Qwen2ForCausalLM"
+    with torch.no_grad():
+        assert (again(tokens()).logits - ours).abs().max() < 1e-4
+
+
+def test_lora_on_a_biased_linear_trains_only_a_and_b(tmp_path):
+    base = torch.nn.Linear(12, 7, bias=True)
+    with torch.no_grad():
+        base.bias.normal_()
+    bias = base.bias.detach().clone()
+    layer = LoRALinear(base, r=3, alpha=6)
+    layer.weight.requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 12)
+    expected = x @ layer.weight.t() + bias + lora_update_reference(x, layer.lora_A, layer.lora_B, None, 2.0, 0.0)
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+    layer(x).sum().backward()
+    assert layer.bias.grad is None and layer.lora_A.grad is not None
+    layer.merge()
+    assert torch.equal(layer.bias, bias) and torch.allclose(layer(x), expected, atol=1e-5)
 
 
 def test_adapter_round_trip_and_merged_plain_model(tmp_path):
