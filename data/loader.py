@@ -14,6 +14,8 @@ state_dict() yields exactly the batches an uninterrupted run would have, with no
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,16 @@ class PackedDataset:
         self.meta = {"n_tokens": int(offsets[-1]), "n_docs": len(samples), "format": None}
         self._init(tokens, mask, offsets, seq_len, pack, pad_id)
         return self
+
+    @property
+    def source_id(self) -> str | None:
+        """A short digest of what the blocks were made from (the token file's input files by size
+        and sha256, its token and sample counts, the block length); None for in-memory samples.
+        A resumed loader refuses a state saved over other data."""
+        if not self.meta.get("sources"):
+            return None
+        key = [self.meta["sources"], self.meta["n_tokens"], self.meta["n_docs"], self.seq_len, self.pack]
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
     def _init(self, tokens, mask, offsets, seq_len, pack, pad_id):
         self.tokens, self.mask, self.offsets = tokens, mask, np.asarray(offsets, dtype=np.int64)
@@ -155,11 +167,15 @@ class BatchLoader:
     def state_dict(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "seed": self.seed, "shuffle": self.shuffle,
                 "blocks_consumed": self.step * self.global_batch, "n_blocks": len(self.dataset),
-                "micro_batch_size": self.batch, "world_size": self.world}
+                "micro_batch_size": self.batch, "world_size": self.world, "data": self.dataset.source_id}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where `state` stopped. The data must be the same (same number of blocks, seed,
         shuffle); B*W may change if the blocks consumed so far are a whole number of new steps."""
+        if state.get("data") != self.dataset.source_id and None not in (state.get("data"), self.dataset.source_id):
+            raise ValueError(f"the training data changed since this state was saved (data {state['data']} -> "
+                             f"{self.dataset.source_id}: a data file was edited, or other files or settings are "
+                             "given); resume with the same data, or start a new run")
         for key, mine in (("seed", self.seed), ("shuffle", self.shuffle), ("n_blocks", len(self.dataset))):
             if key in state and state[key] != mine:
                 raise ValueError(f"loader state has {key}={state[key]!r} but this loader has {mine!r}: "

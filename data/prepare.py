@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from data.filter import perplexity_filter
 from data.formats import FORMATS, TEXT_FORMATS, format_records
-from data.readers import DataError, InstructionFields, read_conversations, read_jsonl, read_texts
+from data.readers import DataError, InstructionFields, file_digest, read_conversations, read_jsonl, read_texts
 from data.tokenfile import tokenizer_identity, write_token_file
 
 TCOT_FIELDS = ("query", "en_query", "en_answer", "answer")
@@ -80,6 +82,12 @@ def read_records(cfg: PrepareConfig) -> Iterator:
             yield from _jsonl_dicts(path, {"source": cfg.source_field, "target": cfg.target_field})
 
 
+def sources(paths: list[str]) -> list[dict]:
+    """What a token file was made from: each input's path, size and sha256 (its provenance; two
+    token files with equal sources, format and tokenizer hold the same samples)."""
+    return [{"path": str(p), "bytes": Path(p).stat().st_size, "sha256": file_digest(p)} for p in paths]
+
+
 def prepare(cfg: PrepareConfig, tokenizer, template=None, score=None, progress: bool = True,
             keep_record=None) -> dict:
     """Write cfg.inputs as a token file at cfg.out in cfg.format; return its meta.
@@ -103,7 +111,8 @@ def prepare(cfg: PrepareConfig, tokenizer, template=None, score=None, progress: 
     stats: dict = {}
     if score is not None:
         samples = perplexity_filter(samples, score, cfg.ppl_threshold, cfg.ppl_batch_size, stats=stats)
-    extra = {"inputs": [str(p) for p in cfg.inputs], "template": getattr(template, "name", None),
+    extra = {"inputs": [str(p) for p in cfg.inputs], "sources": sources(cfg.inputs),
+             "template": getattr(template, "name", None),
              "system": getattr(template, "system", None) if cfg.format not in TEXT_FORMATS else None}
     if score is not None:
         # the filter fills `stats` while the writer consumes the samples, before meta.json is written
@@ -129,31 +138,68 @@ def load_any_tokenizer(path: str):
     return load_tokenizer_only(p) if p.suffix == ".gguf" or p.is_dir() else load_tokenizer(p)
 
 
+def flag_problems(cfg: PrepareConfig, given: set[str]) -> list[str]:
+    """One 'flag value: allowed' line per bad command-line value (checked before any work)."""
+    out = []
+    if cfg.format not in FORMATS:
+        out.append(f"--format {cfg.format!r}: choose one of {', '.join(FORMATS)}")
+    missing = [p for p in cfg.inputs if not Path(p).is_file()]
+    if missing:
+        out.append(f"--inputs {missing[0]}: no such file")
+    if "ppl_threshold" in given and not cfg.ppl_model:
+        out.append(f"--ppl-threshold {cfg.ppl_threshold!r}: needs --ppl-model (the model whose perplexity "
+                   "is thresholded); without it no sample would be filtered")
+    if not (math.isfinite(cfg.ppl_threshold) and cfg.ppl_threshold > 0):
+        out.append(f"--ppl-threshold {cfg.ppl_threshold!r}: must be a finite perplexity > 0 (InsCP: 15)")
+    if cfg.ppl_batch_size < 1:
+        out.append(f"--ppl-batch-size {cfg.ppl_batch_size}: must be >= 1")
+    if cfg.vocab_size is not None and cfg.vocab_size < 1:
+        out.append(f"--vocab-size {cfg.vocab_size}: must be >= 1")
+    return out
+
+
+def _fail(lines: list[str], code: int):
+    for line in lines:
+        print(f"error: {line}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        _fail([message], 2)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(PrepareConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.name == "inputs":
             parser.add_argument(flag, nargs="+", required=True)
         elif f.type == "bool":
             parser.add_argument(flag, action="store_true")
-        elif f.name == "vocab_size":
-            parser.add_argument(flag, type=int, default=None)
-        else:
-            kind = {"int": int, "float": float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=f.default)
-    cfg = PrepareConfig(**vars(parser.parse_args(argv)))
+        else:  # default None: tells a given flag from a defaulted one (--ppl-threshold needs --ppl-model)
+            kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
+            parser.add_argument(flag, type=kind, default=None)
+    args = parser.parse_args(argv)
+    given = {k for k, v in vars(args).items() if v is not None}
+    cfg = PrepareConfig(**{k: v for k, v in vars(args).items() if v is not None})
+    problems = flag_problems(cfg, given)
+    if problems:
+        _fail(problems, 2)
     from model.chat import get_template
-    tokenizer = load_any_tokenizer(cfg.tokenizer)
-    template = get_template(tokenizer, cfg.template, cfg.system) if cfg.format != "orgcp" else None
-    score = None
-    if cfg.ppl_model:
-        # The model's own perplexity (InsCP): same tokenizer, so its ids are the samples' ids.
-        from model.checkpoint import load
-        from data.filter import llama_scorer
-        model, _ = load(cfg.ppl_model, device=cfg.device)
-        score = llama_scorer(model, pad_id=tokenizer.pad_id or 0)
-    meta = prepare(cfg, tokenizer, template, score)
+    try:
+        tokenizer = load_any_tokenizer(cfg.tokenizer)
+        template = get_template(tokenizer, cfg.template, cfg.system) if cfg.format != "orgcp" else None
+        score = None
+        if cfg.ppl_model:
+            # The model's own perplexity (InsCP): same tokenizer, so its ids are the samples' ids.
+            from model.checkpoint import load
+            from data.filter import llama_scorer
+            model, _ = load(cfg.ppl_model, device=cfg.device)
+            score = llama_scorer(model, pad_id=tokenizer.pad_id or 0)
+        meta = prepare(cfg, tokenizer, template, score)
+    except (DataError, ValueError, FileNotFoundError) as err:  # bad data / tokenizer / template: one line
+        _fail([str(err)], 1)
     print(f"wrote {cfg.out}: {meta['n_docs']} samples, {meta['n_tokens']} tokens "
           f"({meta['n_loss_tokens']} with loss), {meta['dtype']}"
           + (f"; PPL filter kept {meta['ppl_filter']['counts']}" if score else ""))

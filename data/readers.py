@@ -16,7 +16,9 @@ record deep inside a 0.1B-token corpus must be findable without a debugger.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -36,14 +38,39 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} not found")
-    number = 0
     with open(path, encoding="utf-8") as f:
         try:
             for number, line in enumerate(f, 1):
                 yield number, line.rstrip("\r\n")
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}:{number + 1}: not UTF-8 text near this line ({err.reason}); "
-                            "convert the file to UTF-8") from None
+        except UnicodeDecodeError:
+            # The text layer decodes 8 KiB ahead of the line it hands out, so where it failed says
+            # nothing about the line: find the bad byte again, line by line.
+            raise DataError(_not_utf8(path)) from None
+
+
+def _not_utf8(path: Path) -> str:
+    """'file:line: not UTF-8 ...' for the first line of path that does not decode (lines split at
+    b"\\n", as editors and `sed -n Np` count them; a UTF-8 sequence never contains that byte)."""
+    offset = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return (f"{path}:{number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at byte {err.start + 1} of the line, "
+                        f"file offset {offset + err.start}: {err.reason}); convert the file to UTF-8")
+            offset += len(raw)
+    return f"{path}: not UTF-8 text; convert the file to UTF-8"
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (hex), streamed in 1 MiB reads: the content identity of a data
+    file (token cache keys, token file provenance) and of checkpoint files (train/checkpointing)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_txt(path: str | Path, paragraphs: bool = False) -> Iterator[str]:

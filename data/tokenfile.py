@@ -13,6 +13,7 @@ meta.json last, so a crash never leaves a file that looks complete.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +29,10 @@ _PARTS = ("tokens.bin", "mask.bin", "offsets.npy", "meta.json")
 # Mixed scripts and tags: two tokenizers that split this identically are, for our purposes, the
 # same tokenizer (a fingerprint that needs no access to its internals).
 _PROBE = "Hello, world! 你好，世界。繁體中文 สวัสดีครับ <EN> <TH> <RESPONSE> 12345 \n\t  end"
+
+
+class NoSamples(ValueError):
+    """Nothing to write: every input record was empty or filtered out (or split off elsewhere)."""
 
 
 def token_paths(location: str | Path, prefix: bool | None = None) -> dict[str, Path]:
@@ -72,7 +77,9 @@ def write_token_file(samples: Iterable[tuple[list[int], list[bool]]], location: 
     Empty samples are skipped; no samples at all is an error. prefix: write `{location}.tokens.bin`... instead of a folder.
     """
     paths = token_paths(location, prefix)
-    paths["tokens.bin"].parent.mkdir(parents=True, exist_ok=True)
+    folder = paths["tokens.bin"].parent
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
     tmp = {k: p.with_name(f"{p.name}.tmp-{os.getpid()}") for k, p in paths.items()}
     dtype = token_dtype(vocab_size)
     offsets = array("q", [0])  # compact: 8 bytes a document
@@ -106,8 +113,8 @@ def write_token_file(samples: Iterable[tuple[list[int], list[bool]]], location: 
                     flush(f_tok, f_mask)
             flush(f_tok, f_mask)
         if n_tokens == 0:
-            raise ValueError(f"no samples to write to {paths['tokens.bin']}: the inputs are empty "
-                             "or every sample was filtered out")
+            raise NoSamples(f"no samples to write to {paths['tokens.bin']}: the inputs are empty "
+                            "or every sample was filtered out")
         with open(tmp["offsets.npy"], "wb") as f:
             np.save(f, np.frombuffer(offsets, dtype=np.int64))
         meta = {"version": VERSION, "dtype": dtype.name, "n_tokens": n_tokens, "n_docs": len(offsets) - 1,
@@ -116,9 +123,13 @@ def write_token_file(samples: Iterable[tuple[list[int], list[bool]]], location: 
         tmp["meta.json"].write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         for part in _PARTS:  # meta.json last: its presence marks a complete file
             os.replace(tmp[part], paths[part])
-    finally:
+    except BaseException:
         for p in tmp.values():
             p.unlink(missing_ok=True)
+        if created and not paths["meta.json"].exists():
+            with contextlib.suppress(OSError):  # a failed write leaves no empty folder behind
+                folder.rmdir()
+        raise
     return meta
 
 

@@ -20,6 +20,7 @@ from model.llama import Llama  # noqa: E402
 from model.lora import apply_lora  # noqa: E402
 from train import distributed  # noqa: E402
 from train.config import TrainConfig, parse_args  # noqa: E402
+from train.faults import fault_point  # noqa: E402
 from train.trainer import Trainer, run_main  # noqa: E402
 
 
@@ -93,8 +94,21 @@ def make_trainer(cfg: WorkerConfig, info: distributed.DistInfo | None = None) ->
     return Trainer(model, cfg, train, evals, dist_info=info)
 
 
+def arm_kill_in_export(step: int) -> None:
+    """LANGSHIFT_FAULT=kill_in_export@<step>: SIGKILL right after the first weight file of the
+    final export is written into its temp folder (the instant a killed export leaves behind)."""
+    import model.checkpoint as hf
+    write = hf.save_file
+
+    def write_then_die(*args, **kwargs):
+        write(*args, **kwargs)
+        fault_point("kill_in_export", step)
+    hf.save_file = write_then_die
+
+
 def main(argv=None):
     cfg = parse_args(WorkerConfig, argv)
+    arm_kill_in_export(cfg.max_steps)
     with distributed.session("cpu") as info:
         make_trainer(cfg, info).fit()
 

@@ -7,6 +7,11 @@ TrainConfig to add its data and model fields; parsing, hashing and saving work o
 Fields marked `hash=False` change how a run is observed (logging, checkpoint cadence, output
 folder) but not the numbers it computes; all other fields enter the config hash that ties a
 checkpoint to its run (resuming a checkpoint under a different hash is refused).
+
+Every value is checked when the config is built, before any work: `RULES` maps a field to its
+rule (a subclass adds its own), `problems()` adds the checks that involve several fields. A bad
+command line prints one line per bad flag, naming the flag, its value and the allowed range, and
+exits with 2 (argparse's code for usage errors), printed by rank 0 only under torchrun.
 """
 from __future__ import annotations
 
@@ -14,15 +19,62 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
+
+from train.errors import ConfigError
 
 
 def _meta(help: str, hash: bool = True) -> dict:
     return {"help": help, "hash": hash}
+
+
+# ---- rules: value -> None (fine) or what is allowed ------------------------------------------------
+def at_least(lo: int, note: str = ""):
+    return lambda v: None if v >= lo else f"must be >= {lo}{note}"
+
+
+def positive(v: float) -> str | None:
+    return None if math.isfinite(v) and v > 0 else "must be a finite number > 0"
+
+
+def non_negative(note: str = ""):
+    return lambda v: None if math.isfinite(v) and v >= 0 else f"must be a finite number >= 0{note}"
+
+
+def fraction(v: float) -> str | None:
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+def choice(*options: str):
+    shown = ", ".join(o or "''" for o in options)
+    return lambda v: None if v in options else f"choose one of {shown}"
+
+
+def factor(v: float) -> str | None:
+    return None if v == 0 or (math.isfinite(v) and v > 1) else "must be 0 (off) or a finite number > 1"
+
+
+def zero_or_at_least(lo: int, note: str = ""):
+    return lambda v: None if v == 0 or v >= lo else f"must be 0{note} or >= {lo}"
+
+
+def _out_dir(v: str) -> str | None:
+    if not v:
+        return "must name a folder"
+    return "is a file, not a folder: choose another --out_dir" if Path(v).exists() and not Path(v).is_dir() else None
+
+
+def flag_problem(name: str, value, rule) -> str | None:
+    """'--name value: what is allowed', or None if rule accepts value."""
+    problem = rule(value)
+    return f"--{name} {value!r}: {problem}" if problem else None
 
 
 @dataclass
@@ -35,7 +87,8 @@ class TrainConfig:
     grad_accum: int = field(default=1, metadata=_meta("micro-batches per rank per optimizer step"))
     lr: float = field(default=2e-4, metadata=_meta("peak learning rate"))
     min_lr: float = field(default=0.0, metadata=_meta("learning rate at the end of the cosine decay"))
-    warmup_steps: int = field(default=0, metadata=_meta("linear warm-up steps from 0 to lr"))
+    warmup_steps: int | None = field(default=None, metadata=_meta(
+        "linear warm-up steps from 0 to lr (default: the recipe's, at most the run's steps)"))
     weight_decay: float = field(default=0.0, metadata=_meta("AdamW decoupled weight decay (matrices only)"))
     beta1: float = field(default=0.9, metadata=_meta("AdamW beta1"))
     beta2: float = field(default=0.999, metadata=_meta("AdamW beta2"))
@@ -56,16 +109,48 @@ class TrainConfig:
     export: bool = field(default=True, metadata=_meta(
         "at the end write out_dir/final (merged HF model) and out_dir/adapter (LoRA)", hash=False))
     progress: bool = field(default=True, metadata=_meta("tqdm progress bar on rank 0", hash=False))
+    guard_loss_factor: float = field(default=4.0, metadata=_meta(
+        "stop when the loss exceeds this x its running median (after warm-up); 0 = off", hash=False))
+    guard_grad_factor: float = field(default=1000.0, metadata=_meta(
+        "stop when the gradient norm exceeds this x its running median (after warm-up); 0 = off", hash=False))
+    guard_stall_steps: int = field(default=10, metadata=_meta(
+        "stop after this many steps in a row with gradient norm 0 or an unchanged loss; 0 = off", hash=False))
+
+    # warm-up when --warmup_steps is not given, capped at the run's steps (a default must never
+    # refuse a valid run; an explicit value above the bound is refused)
+    DEFAULT_WARMUP: ClassVar[int] = 0
+    RULES: ClassVar[dict] = {
+        "out_dir": _out_dir, "max_steps": at_least(1), "grad_accum": at_least(1), "lr": positive,
+        "min_lr": non_negative(), "weight_decay": non_negative(), "beta1": fraction, "beta2": fraction,
+        "adam_eps": positive, "max_grad_norm": non_negative(" (0 = no clipping)"),
+        "mixed_precision": choice("auto", "bf16", "fp32"), "seed": at_least(0),
+        "loss_chunk_size": at_least(0, " (0 = all tokens at once)"), "log_every": at_least(1),
+        "eval_every": at_least(0, " (0 = only at the end)"), "eval_batches": at_least(1),
+        "save_every": at_least(0, " (0 = only at the end)"), "keep_last": at_least(1),
+        "guard_loss_factor": factor, "guard_grad_factor": factor, "guard_stall_steps": at_least(0, " (0 = off)"),
+    }
 
     def __post_init__(self):
-        if self.mixed_precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"mixed_precision={self.mixed_precision!r}: choose auto, bf16 or fp32")
-        for name in ("max_steps", "grad_accum", "keep_last"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        bound, steps = self.warmup_bound()
-        if self.warmup_steps < 0 or self.warmup_steps > steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, {bound}={steps}]")
+        _, bound = self.warmup_bound()
+        if self.warmup_steps is None:
+            self.warmup_steps = min(self.DEFAULT_WARMUP, max(bound, 0))
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+
+    def problems(self) -> list[str]:
+        """Every bad value, one line each ('--flag value: allowed'); [] = the config is valid."""
+        rules: dict = {}
+        for klass in reversed(type(self).__mro__):  # a subclass's rule replaces its parent's
+            rules.update(vars(klass).get("RULES", {}))
+        out = [flag_problem(name, getattr(self, name), rule) for name, rule in rules.items()]
+        out = [p for p in out if p]
+        bound_name, bound = self.warmup_bound()
+        if isinstance(self.warmup_steps, int) and not 0 <= self.warmup_steps <= bound:
+            out.append(f"--warmup_steps {self.warmup_steps}: must be in [0, {bound}] ({bound_name})")
+        if math.isfinite(self.min_lr) and math.isfinite(self.lr) and self.min_lr > self.lr > 0:
+            out.append(f"--min_lr {self.min_lr!r}: must be <= --lr {self.lr!r}")
+        return out
 
     def warmup_bound(self) -> tuple[str, int]:
         """(name, steps): what warmup_steps may not exceed. A recipe that runs several trainings
@@ -105,14 +190,49 @@ def _base_type(tp):
     return tp
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage block), printed by rank 0 only."""
+
+    def error(self, message: str):
+        fail([message])
+
+
+def fail(problems: list[str], code: int = 2):
+    """Print each problem as one `error: ...` line (rank 0 of a torchrun job only) and exit."""
+    if os.environ.get("RANK", "0") == "0":
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def join_negative_numbers(argv: list[str]) -> list[str]:
+    """['--lr', '-1e-3'] -> ['--lr=-1e-3']: argparse takes '-1e-3' for an option (its negative
+    number pattern has no exponent), so a negative value would be unparseable as written."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and arg.startswith("-") and _is_number(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def build_parser(cls=TrainConfig, parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per dataclass field: --name (bools: --name / --no-name)."""
-    parser = parser or argparse.ArgumentParser(description=cls.__doc__)
+    parser = parser or OneLineParser(description=cls.__doc__)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_ = f"{f.metadata.get('help', '')} (default: {default})"
+        help_ = f.metadata.get("help", "") + ("" if default is None else f" (default: {default})")
         if tp is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif typing.get_origin(tp) is list:
@@ -124,10 +244,13 @@ def build_parser(cls=TrainConfig, parser: argparse.ArgumentParser | None = None)
 
 
 def parse_args(cls=TrainConfig, argv: list[str] | None = None):
-    """Command line -> an instance of the dataclass cls (TrainConfig or a subclass)."""
+    """Command line -> an instance of the dataclass cls (TrainConfig or a subclass). Bad values:
+    one `error: --flag value: allowed` line per flag on stderr, exit code 2, nothing else done."""
     parser = build_parser(cls)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_negative_numbers(sys.argv[1:] if argv is None else list(argv)))
     try:
         return cls(**vars(args))
-    except ValueError as err:  # a bad flag value: argparse's one-line usage error, exit code 2
-        parser.error(str(err))
+    except ConfigError as err:
+        fail(err.problems)
+    except ValueError as err:
+        fail([str(err)])

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from train.errors import TrainError
+
 
 @dataclass
 class DistInfo:
@@ -104,3 +106,38 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def first_error(error: str | None) -> str | None:
+    """Every rank's error message (None = fine) -> the first one by rank, on every rank
+    (collective). Lets all ranks stop together when one of them failed alone."""
+    if dist.get_world_size() == 1:
+        return error
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
+def gather_dicts(part: dict) -> dict:
+    """The union of every rank's dict, on every rank (collective)."""
+    if dist.get_world_size() == 1:
+        return dict(part)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return {k: v for p in parts for k, v in p.items()}
+
+
+def on_main(fn, *args):
+    """fn(*args) on rank 0 alone; its (picklable) result, or its TrainError, on every rank
+    (collective). For work done once (tokenising, a lock, an export): if it fails, every rank
+    stops with the same message instead of waiting in the next collective for rank 0."""
+    outcome = (None, None)
+    if dist.get_rank() == 0:
+        try:
+            outcome = (fn(*args), None)
+        except TrainError as err:
+            outcome = (None, str(err))
+    result, error = broadcast_object(outcome) if dist.get_world_size() > 1 else outcome
+    if error:
+        raise TrainError(error)
+    return result

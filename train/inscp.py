@@ -19,10 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # torchrun train/inscp.py from a checkout
 
 from data.formats import TEXT_FORMATS  # noqa: E402
-from model.chat import get_template  # noqa: E402
-from train import distributed  # noqa: E402
-from train.config import _meta, parse_args  # noqa: E402
-from train.recipe import RecipeConfig, add_adapters, load_model, loaders, token_files  # noqa: E402
+from train import distributed, runlock  # noqa: E402
+from train.config import _meta, choice, parse_args  # noqa: E402
+from train.recipe import RecipeConfig, add_adapters, chat_template, load_model, loaders, token_files  # noqa: E402
 from train.trainer import Trainer, run_main  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
@@ -38,14 +37,11 @@ class InsCPConfig(RecipeConfig):
     max_steps: int = field(default=24, metadata=_meta("optimizer steps of the whole run"))
     seq_len: int = field(default=256, metadata=_meta("tokens per packed block"))
     lr: float = field(default=5e-4, metadata=_meta("peak learning rate"))
-    warmup_steps: int = field(default=3, metadata=_meta("linear warm-up steps from 0 to lr"))
     eval_every: int = field(default=8, metadata=_meta("eval loss every N steps; 0 = only at the end", hash=False))
     save_every: int = field(default=8, metadata=_meta("checkpoint every N steps; 0 = only at the end", hash=False))
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.format not in TEXT_FORMATS:
-            raise ValueError(f"--format {self.format!r}: choose one of {', '.join(TEXT_FORMATS)}")
+    DEFAULT_WARMUP = 3  # --warmup_steps when not given (at most --max_steps)
+    RULES = {"format": choice(*TEXT_FORMATS)}
 
 
 def done_message(summary: dict, out_dir: str) -> str:
@@ -62,12 +58,14 @@ def done_message(summary: dict, out_dir: str) -> str:
 def main(argv=None) -> dict:
     cfg = parse_args(InsCPConfig, argv)
     with distributed.session(cfg.device or None) as info:
+        # Everything that can refuse the run comes before anything is written to out_dir.
         model, tokenizer = load_model(cfg)
         # InsCP renders the model's own template with no system prompt (data/formats.inscp).
-        template = get_template(tokenizer, cfg.template or None)
+        template = chat_template(tokenizer, cfg.template)
+        add_adapters(model, cfg)
+        runlock.hold(cfg.out_dir)
         train_dir, eval_dir = token_files(cfg, cfg.format, tokenizer, template, info)
         train_loader, eval_loader = loaders(cfg, train_dir, eval_dir, tokenizer, info)
-        add_adapters(model, cfg)
         trainer = Trainer(model, cfg, train_loader, eval_loader, tokenizer=tokenizer, dist_info=info)
         summary = trainer.fit()
         if info.is_main:

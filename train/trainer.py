@@ -27,8 +27,8 @@ loss), positions[B,T] (optional), segments[B,T] (optional)}, state_dict(), load_
 from __future__ import annotations
 
 import json
-import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,11 +41,12 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 import kernels
-from train import distributed
+from train import distributed, runlock
 from train.checkpointing import CheckpointManager, frozen_fingerprint, rng_state, set_rng_state
 from train.config import TrainConfig, config_hash, hashed_fields, save_config
-from train.errors import TrainError, TrainingDiverged
-from train.faults import fault_point, inject_nan
+from train.errors import TrainError, TrainingDiverged, writing
+from train.faults import fault_point, inject_nan, write_fault
+from train.guard import DivergenceGuard
 from train.optim import build_optimizer, build_scheduler
 
 IGNORE_INDEX = -100
@@ -109,6 +110,14 @@ def shard_model(module: nn.Module, blocks: nn.ModuleList, device: torch.device, 
     return module
 
 
+def reshard(module: nn.Module) -> None:
+    """Put every FSDP2-managed parameter back in its sharded layout (a no-op where it already is,
+    or where the module is not wrapped)."""
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 class Trainer:
     """Train `model` (a Llama, optionally with LoRA) on batches from `train_loader`.
 
@@ -135,6 +144,12 @@ class Trainer:
         self.history: list[dict] = []  # every record written to metrics.jsonl by this process
         self.last_checkpoint: str | None = None
 
+        self.guard = DivergenceGuard(config.guard_loss_factor, config.guard_grad_factor, config.guard_stall_steps,
+                                     config.warmup_steps)
+        self._write_error: str | None = None  # a failed metrics write on this rank, raised at the next step
+
+        runlock.hold(self.out_dir)  # before anything in out_dir is touched
+        self._clean_export_leftovers()
         resume_from = self._check_out_dir()
 
         # Master weights and optimizer state in fp32 (compute dtype is FSDP's mixed precision).
@@ -144,6 +159,8 @@ class Trainer:
         self.model = shard_model(CausalLMLoss(model, config.loss_chunk_size), model.model.layers,
                                  self.dist.device, config.mixed_precision)
         self.model.train()
+        # Frozen weights never change during a run: fingerprint them once, for every checkpoint.
+        self.frozen_fingerprint = frozen_fingerprint(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay,
                                          (config.beta1, config.beta2), config.adam_eps)
@@ -153,12 +170,12 @@ class Trainer:
 
         if resume_from:
             self._resume(resume_from)
-        elif self.dist.is_main:  # a fresh run: drop the curve of an earlier attempt that never checkpointed
-            _truncate_metrics(self.out_dir / "metrics.jsonl", 0)
-        if self.dist.is_main:
-            save_config(config, self.out_dir / "config.json",
-                        extra={"config_hash": self.run_hash, "world_size": self.dist.world_size,
-                               "model": self.lm_config.to_hf(), "lora": self.lora_config})
+        else:  # a fresh run: drop the curve of an earlier attempt that never checkpointed
+            self._on_main("the metrics", self.out_dir / "metrics.jsonl", _truncate_metrics,
+                          self.out_dir / "metrics.jsonl", 0, fault="metrics")
+        self._on_main("the run config", self.out_dir / "config.json", save_config, config, self.out_dir / "config.json",
+                      {"config_hash": self.run_hash, "world_size": self.dist.world_size,
+                       "model": self.lm_config.to_hf(), "lora": self.lora_config})
 
     # ---- setup -----------------------------------------------------------------------------
     def _model_identity(self, model: nn.Module) -> dict:
@@ -166,17 +183,57 @@ class Trainer:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return {"model": self.lm_config.to_hf(), "lora": self.lora_config, "trainable": trainable}
 
+    def _on_main(self, what: str, path: Path, fn, *args, fault: str = ""):
+        """fn(*args) on rank 0 only; a write error there is one TrainError on every rank (collective).
+        fault: the name of this write for train/faults.write_fault (tests)."""
+        def write():
+            with writing(what, path):
+                write_fault(fault, self.step, path)
+                fn(*args)
+        distributed.on_main(write)
+
+    def _clean_export_leftovers(self) -> None:
+        """A run killed during its final export leaves `.final.tmp-*` (the half-written model) and
+        maybe `.final.old-*` (the previous export, moved aside): remove the first, and put the
+        second back when no `final/` replaced it (rank 0; collective)."""
+        if self.dist.is_main and self.out_dir.is_dir():
+            for leftover in sorted(self.out_dir.iterdir()):
+                name = leftover.name
+                for kept in ("final", "adapter"):
+                    if name.startswith(f".{kept}.old-") and not (self.out_dir / kept).exists():
+                        os.replace(leftover, self.out_dir / kept)
+                        tqdm.write(f"note: restored {self.out_dir / kept} from {name} (an export was interrupted)")
+                    elif name.startswith((f".{kept}.tmp-", f".{kept}.old-")):
+                        shutil.rmtree(leftover, ignore_errors=True)
+                        tqdm.write(f"note: removed {leftover}, left by an interrupted export")
+            for stale in (self.out_dir / "adapter").glob("*.tmp"):
+                stale.unlink(missing_ok=True)
+        distributed.barrier()
+
     def _check_out_dir(self) -> str | None:
-        """Decide (rank 0, broadcast) whether to start fresh or resume; refuse a foreign out_dir."""
+        """Decide (rank 0, broadcast) whether to start fresh or resume; refuse a foreign out_dir.
+        Resume takes the newest checkpoint that passes verification; a damaged newer one is moved
+        aside to damaged-step_* with one line saying why (collective)."""
         self.checkpoints.clean_partial()  # a crash mid-save leaves a temp folder: never used, removed
         latest = self.checkpoints.latest()
+        if latest and not self.config.resume:
+            raise TrainError(f"{self.out_dir} already holds a checkpoint ({Path(latest).name}); pass --resume to "
+                             f"continue that run, or choose a new --out_dir")
+        if not latest:
+            return None
+        intact, damaged = self.checkpoints.newest_intact()
+        if intact is None:
+            reasons = "; ".join(f"{f.name}: {why}" for f, why in damaged)
+            raise TrainError(f"{self.out_dir}: no intact checkpoint to resume from ({reasons}); move "
+                             f"{self.checkpoints.root} away to start over")
         error = None
-        if self.dist.is_main and latest:
-            meta = CheckpointManager.read_meta(latest)
-            if not self.config.resume:
-                error = (f"{self.out_dir} already holds a checkpoint ({Path(latest).name}); pass --resume to "
-                         f"continue that run, or choose a new --out_dir")
-            elif meta.get("config_hash") != self.run_hash:
+        if self.dist.is_main:
+            for folder, why in damaged:
+                moved = self.checkpoints.set_aside(folder)
+                print(f"warning: checkpoint {folder.name} is damaged ({why}): moved to {moved.name}; "
+                      f"resuming from {intact.name}", file=sys.stderr, flush=True)
+            meta = CheckpointManager.read_meta(intact)
+            if meta.get("config_hash") != self.run_hash:
                 diff = _diff(meta.get("config", {}), hashed_fields(self.config))
                 error = (f"{self.out_dir} holds a checkpoint of a different run (config hash "
                          f"{meta.get('config_hash')} != {self.run_hash}{'; ' + diff if diff else ''}); "
@@ -184,18 +241,22 @@ class Trainer:
         error = distributed.broadcast_object(error)
         if error:
             raise TrainError(error)
-        return latest
+        return str(intact)
 
     def _resume(self, folder: str) -> None:
-        rank_state, meta = self.checkpoints.load(folder, self.model, self.optimizer)
+        rank_state, meta = self.checkpoints.load(folder, self.model, self.optimizer, self.frozen_fingerprint)
         self.scheduler.load_state_dict(rank_state["scheduler"])
-        self.train_loader.load_state_dict(rank_state["train_loader"])
+        try:
+            self.train_loader.load_state_dict(rank_state["train_loader"])
+        except ValueError as err:  # other data, seed or batch shape than the checkpoint's run
+            raise TrainError(f"cannot resume from {folder}: {err}") from None
         set_rng_state(rank_state["rng"])
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
         self.elapsed_before = meta["elapsed"]
         self.last_checkpoint = folder
+        self._on_main("the metrics", self.out_dir / "metrics.jsonl", _truncate_metrics,
+                      self.out_dir / "metrics.jsonl", self.step)
         if self.dist.is_main:
-            _truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
             tqdm.write(f"resumed from {folder} (step {self.step})")
 
     # ---- one step --------------------------------------------------------------------------
@@ -213,9 +274,13 @@ class Trainer:
         micro = [self.train_loader.next_batch() for _ in range(cfg.grad_accum)]
         # [loss tokens, all tokens] of the whole global step, known before any backward (counted
         # on the host batches: no device sync).
+        # The third entry rides along for free: a rank whose metrics write failed makes every rank stop.
         counts = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro),
-                               sum(b["tokens"].numel() for b in micro)], dtype=torch.int64)
+                               sum(b["tokens"].numel() for b in micro), int(self._write_error is not None)],
+                              dtype=torch.int64)
         counts = distributed.all_reduce_sum(counts.to(self.dist.device)).cpu()
+        if counts[2]:
+            raise TrainError(self._write_error or "another rank could not write its files (see rank 0's message)")
         micro = [self._to_device(b) for b in micro]
         n_loss_tokens = counts[0].clamp(min=1).to(device=self.dist.device, dtype=torch.float32)
         loss_total = torch.zeros((), dtype=torch.float32, device=self.dist.device)
@@ -229,15 +294,16 @@ class Trainer:
         loss = (loss_total / n_loss_tokens).item()
         if inject_nan(self.step + 1):
             loss = float("nan")
-        if not math.isfinite(loss):
-            raise TrainingDiverged(self._diverged_message("loss", loss))
         # clip_grad_norm_ on DTensor gradients computes the norm over all shards (a collective).
         # max_norm=inf returns the norm and scales by exactly 1.0.
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
         grad_norm = float(distributed.full_tensor(grad_norm))
-        if not math.isfinite(grad_norm):
-            raise TrainingDiverged(self._diverged_message("gradient norm", grad_norm))
+        # Loss and norm are global (all-reduced), so every rank takes the same decision here,
+        # before the optimizer applies the step.
+        problem = self.guard.check(self.step + 1, loss, grad_norm)
+        if problem:
+            raise TrainingDiverged(self._diverged_message(problem))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -246,10 +312,14 @@ class Trainer:
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(counts[1]),
                 "loss_tokens": int(counts[0])}
 
-    def _diverged_message(self, what: str, value: float) -> str:
-        where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else \
-            "no checkpoint was written yet"
-        return f"step {self.step + 1}: {what} is {value}; stopping ({where})"
+    def _diverged_message(self, problem: str) -> str:
+        """One line: the step, what went wrong, and the newest checkpoint that passes verification
+        (rank 0 checks the files; other ranks' messages are never printed)."""
+        if not self.dist.is_main:
+            return f"step {self.step + 1}: {problem}; stopping (see rank 0)"
+        verified = self.checkpoints.newest_verified_local()
+        where = f"the last verified checkpoint is {verified}" if verified else "no verified checkpoint exists yet"
+        return f"step {self.step + 1}: {problem}; stopping ({where})"
 
     # ---- eval ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -269,6 +339,10 @@ class Trainer:
             totals[0] += self._loss_sum(batch).double()
             totals[1] += (batch["labels"] != IGNORE_INDEX).sum()
         distributed.all_reduce_sum(totals)
+        # A forward without backward leaves FSDP2's root unsharded (it reshards in post-backward):
+        # reshard, so that nothing after an eval (a checkpoint, its fingerprint, memory) sees the
+        # parameters in another layout than after a training step.
+        reshard(self.model)
         self.model.train()
         self.eval_loader.load_state_dict(saved)
         return float(totals[0] / totals[1].clamp(min=1))
@@ -278,7 +352,7 @@ class Trainer:
         rank_state = {"scheduler": self.scheduler.state_dict(), "train_loader": self.train_loader.state_dict(),
                       "rng": rng_state()}
         meta = {"config_hash": self.run_hash, "config": hashed_fields(self.config),
-                "frozen_fingerprint": frozen_fingerprint(self.model),
+                "frozen_fingerprint": self.frozen_fingerprint,
                 "tokens_seen": self.tokens_seen, "elapsed": self._elapsed()}
         path = self.checkpoints.save(self.step, self.model, self.optimizer, rank_state, meta)
         self.last_checkpoint = str(path)
@@ -292,19 +366,22 @@ class Trainer:
         return {k.removeprefix("lm."): v for k, v in state.items()}
 
     def export(self) -> dict[str, str]:
-        """Write out_dir/final (HF model, LoRA merged in) and, with LoRA, out_dir/adapter (PEFT layout)."""
+        """Write out_dir/final (HF model, LoRA merged in) and, with LoRA, out_dir/adapter (PEFT
+        layout). A write error is one TrainError on every rank; the checkpoint stays the result."""
         state = self.full_state_dict()
-        written = {}
-        if self.dist.is_main:
-            from model.checkpoint import save as save_hf
-            from model.lora import merge_lora, save_adapter
-            plain = self.build_plain_model(state)
-            if self.lora_config:
-                written["adapter"] = str(save_adapter(plain, self.out_dir / "adapter"))
-                merge_lora(plain)
-            written["final"] = str(save_hf(plain, self.tokenizer, self.out_dir / "final"))
-        distributed.barrier()
+        written: dict[str, str] = {}
+        self._on_main("the exported model", self.out_dir / "final", self._write_export, state, written,
+                      fault="export")
         return written
+
+    def _write_export(self, state: dict, written: dict) -> None:
+        from model.checkpoint import save as save_hf
+        from model.lora import merge_lora, save_adapter
+        plain = self.build_plain_model(state)
+        if self.lora_config:
+            written["adapter"] = str(save_adapter(plain, self.out_dir / "adapter"))
+            merge_lora(plain)
+        written["final"] = str(save_hf(plain, self.tokenizer, self.out_dir / "final"))
 
     def build_plain_model(self, state: dict[str, torch.Tensor]) -> nn.Module:
         """A fresh unsharded Llama (with the same LoRA layout, if any) holding `state`."""
@@ -331,10 +408,18 @@ class Trainer:
         return self.elapsed_before + time.perf_counter() - self._t0
 
     def _log(self, record: dict) -> None:
+        """Append to metrics.jsonl (rank 0). A write error is kept and stops every rank at the next
+        step (train_step) or at the end (fit), instead of leaving the others waiting."""
         self.history.append(record)
-        if self.dist.is_main:
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if self.dist.is_main and self._write_error is None:
+            path = self.out_dir / "metrics.jsonl"
+            try:
+                with writing("the metrics", path):
+                    write_fault("metrics", record["step"], path)
+                    with open(path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+            except TrainError as err:
+                self._write_error = str(err)
 
     def fit(self) -> dict:
         """Train to config.max_steps (from the resumed step), checkpoint, export. Returns a summary."""
@@ -370,15 +455,22 @@ class Trainer:
                 fault_point("kill_at_step", self.step)
         finally:
             bar.close()
+        self._stop_on_write_error()
         if self.eval_loader is not None:
             eval_loss = self.evaluate()
             self._log({"step": self.step, "eval_loss": eval_loss, "elapsed": self._elapsed()})
+        self._stop_on_write_error()
         if not self.last_checkpoint or Path(self.last_checkpoint).name != f"step_{self.step:08d}":
             self.save_checkpoint()
         exported = self.export() if cfg.export else {}
         losses = [r["loss"] for r in self.history if "loss" in r]
         return {"step": self.step, "loss": losses[-1] if losses else None,
                 "eval_loss": eval_loss, "checkpoint": self.last_checkpoint, **exported}
+
+    def _stop_on_write_error(self) -> None:
+        error = distributed.first_error(self._write_error)
+        if error:
+            raise TrainError(error)
 
     def close(self) -> None:
         """End the process group if this Trainer created it."""
@@ -403,12 +495,20 @@ def _diff(old: dict, new: dict) -> str:
 
 
 def run_main(main_fn, *args, **kwargs):
-    """Run main_fn(*args, **kwargs); a TrainError becomes one line on stderr (rank 0) and exit code 1."""
+    """Run main_fn(*args, **kwargs); a TrainError becomes one line on stderr, printed by rank 0
+    only, and exit code 1 on every rank. The run folder's lock is released either way.
+
+    Under torchrun the launcher adds its own ChildFailedError report after any non-zero exit of
+    a worker (it cannot be turned off from inside the worker); `python -m train.launch` is
+    torchrun without that report, passing the workers' exit code on (train/launch.py)."""
     try:
         return main_fn(*args, **kwargs)
     except TrainError as err:
-        if not distributed.dist.is_initialized() or distributed.dist.get_rank() == 0:
+        rank = distributed.dist.get_rank() if distributed.dist.is_initialized() else int(os.environ.get("RANK", 0))
+        if rank == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
         if distributed.dist.is_initialized():
             distributed.dist.destroy_process_group()
         sys.exit(1)
+    finally:
+        runlock.release_all()

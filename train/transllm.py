@@ -24,6 +24,7 @@ out_dir/stage{k}/ (config.json, metrics.jsonl, checkpoints/, final/, adapter/).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -37,13 +38,12 @@ from data import kd  # noqa: E402
 from data import tcot as build  # noqa: E402
 from data.readers import DataError, read_txt  # noqa: E402
 from data.tokenfile import TokenFile, tokenizer_identity, write_token_file  # noqa: E402
-from model.chat import get_template  # noqa: E402
 from model.generate import Sampling  # noqa: E402
 from model.runner import Runner  # noqa: E402
-from train import distributed  # noqa: E402
-from train.config import _meta, parse_args  # noqa: E402
+from train import distributed, runlock  # noqa: E402
+from train.config import _meta, at_least, choice, parse_args, positive, zero_or_at_least  # noqa: E402
 from train.errors import TrainError  # noqa: E402
-from train.recipe import RecipeConfig, add_adapters, load_model, loaders, token_files  # noqa: E402
+from train.recipe import RecipeConfig, add_adapters, chat_template, load_model, loaders, token_files  # noqa: E402
 from train.trainer import Trainer, run_main  # noqa: E402
 
 
@@ -115,18 +115,24 @@ class TransLLMConfig(RecipeConfig):
     micro_batch_size: int = field(default=2, metadata=_meta("blocks per micro-batch per rank"))
     max_steps: int = field(default=1, metadata=_meta("unused: see steps1/steps2/steps3"))
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.stage not in ("0", "1", "2", "3", "all"):
-            raise ValueError(f"--stage {self.stage!r}: choose 0, 1, 2, 3 or all")
-        if self.init not in ("mean", "random"):
-            raise ValueError(f"--init {self.init!r}: choose mean or random")
-        if self.tcot_translation not in ("self", "file", "none"):
-            raise ValueError(f"--tcot_translation {self.tcot_translation!r}: choose self, file or none")
+    RULES = {
+        "stage": choice("0", "1", "2", "3", "all"), "init": choice("mean", "random"),
+        "tcot_translation": choice("self", "file", "none"),
+        "finetune": lambda v: None if v == "lora" else "TransLLM carries one LoRA adapter through its stages: use lora",
+        "steps1": at_least(1), "steps2": at_least(1), "steps3": at_least(1),
+        "lr1": positive, "lr2": positive, "lr3": positive, "vocab_size": at_least(1),
+        "vocab_lines": at_least(0, " (0 = all)"), "mono_lines": at_least(0, " (0 = all)"),
+        "english_lines": at_least(0, " (0 = all)"), "parallel_lines": at_least(0, " (0 = all)"),
+        "qa_limit": at_least(0, " (0 = all)"), "kd_limit": at_least(0, " (0 = all)"),
+        "translation_pairs": at_least(0, " (0 = all)"), "seq_len3": zero_or_at_least(2, " (= --seq_len)"),
+        "kd_max_new_tokens": at_least(1), "translate_max_new_tokens": at_least(1),
+    }
+
+    def problems(self) -> list[str]:
+        out = super().problems()
         if self.tcot_translation == "file" and not self.kd_translations:
-            raise ValueError("--tcot_translation file needs --kd_translations FILE")
-        if self.finetune != "lora":
-            raise ValueError("TransLLM carries one LoRA adapter through its stages: --finetune must be lora")
+            out.append("--tcot_translation 'file': needs --kd_translations FILE")
+        return out
 
     def warmup_bound(self) -> tuple[str, int]:
         # each stage warms up for min(warmup_steps, its own steps) (stage_config)
@@ -149,7 +155,7 @@ def stage0_model(cfg: TransLLMConfig) -> Path:
 
 
 def template_of(cfg: TransLLMConfig, tokenizer):
-    return get_template(tokenizer, cfg.template or None, cfg.system or None)
+    return chat_template(tokenizer, cfg.template, cfg.system or None)
 
 
 def _lines(paths: list[str], limit: int) -> list[str]:
@@ -166,7 +172,7 @@ def run_stage0(cfg: TransLLMConfig) -> dict:
     """Extend the tokenizer and model; write out_dir/stage0/model and vocab_report.json."""
     from model import vocab
     from model.checkpoint import save
-    model, tokenizer = load_model(dataclasses.replace(cfg, seq_len=1))
+    model, tokenizer = load_model(dataclasses.replace(cfg, seq_len=2))  # no context check here
     texts = _lines(cfg.target_text, 0)
     cut = max(1, len(texts) // 10)  # the last tenth is held out for the before/after token count
     train_texts = texts[:-cut][:cfg.vocab_lines] if cfg.vocab_lines else texts[:-cut]
@@ -321,8 +327,9 @@ def run_stage(cfg: TransLLMConfig, k: int, info) -> dict:
             train_dirs.append(tr)
             eval_dirs += [ev] if ev is not None else []
     vocab = model.config.vocab_size
-    if len(train_dirs) > 1:
-        root = Path(scfg.out_dir) / "tokens" / "mix"
+    if len(train_dirs) > 1:  # the parts' folders are keyed on their content: so is the mix
+        parts = json.dumps([str(d) for d in train_dirs + eval_dirs]).encode()
+        root = Path(scfg.out_dir) / "tokens" / f"mix-{hashlib.sha256(parts).hexdigest()[:12]}"
         if info.is_main:
             mix(train_dirs, root / "train", tokenizer, vocab)
             if eval_dirs:
@@ -347,11 +354,10 @@ def main(argv=None) -> dict:
     stages = [0, 1, 2, 3] if cfg.stage == "all" else [int(cfg.stage)]
     results = {}
     with distributed.session(cfg.device or None) as info:
+        runlock.hold(cfg.out_dir)
         for k in stages:
             if k == 0:
-                if info.is_main:
-                    results[0] = run_stage0(cfg)
-                distributed.barrier()
+                results[0] = distributed.on_main(run_stage0, cfg)
             else:
                 results[k] = run_stage(cfg, k, info)
         if info.is_main and 3 in results:
