@@ -40,10 +40,8 @@ class Family:
     defaults: dict        # the transformers config class's defaults (tests compare them)
 
 
-# Llama's pretraining_tp is accepted whatever its value: transformers 5's Llama no longer reads it
-# (4.x split the matmuls into pretraining_tp slices: the same product up to rounding).
 FAMILIES: dict[str, Family] = {
-    "llama": Family("LlamaForCausalLM", frozenset({"attention_bias", "mlp_bias", "pretraining_tp"}),
+    "llama": Family("LlamaForCausalLM", frozenset({"attention_bias", "mlp_bias"}),
                     {"max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2,
                      "num_key_value_heads": None}),
     "mistral": Family("MistralForCausalLM", frozenset({"sliding_window"}),
@@ -70,6 +68,9 @@ IGNORED_KEYS = frozenset({
     "label2id", "problem_type", "finetuning_task", "tokenizer_class", "prefix", "sep_token_id",
     "decoder_start_token_id", "task_specific_params", "transformers.js_config", "_commit_hash",
     "keys_to_ignore_at_inference", "use_return_dict",
+    # Llama's pretraining_tp: transformers 5 no longer reads it (4.x split the matmuls into
+    # pretraining_tp slices: the same product up to rounding)
+    "pretraining_tp",
     # which attention kernel transformers runs: the same math
     "_attn_implementation", "_attn_implementation_autoset", "attn_implementation", "_flash_attn_2_enabled",
     # generation settings transformers 4 still wrote into config.json (they live in generation_config.json)
@@ -178,7 +179,7 @@ class LlamaConfig:
         if self.family == "llama" and all(bias.isdisjoint(group) or bias >= set(group)
                                           for group in (ATTENTION_PROJ, MLP_PROJ)):
             return {"attention_bias": bias >= set(ATTENTION_PROJ), "mlp_bias": bias >= set(MLP_PROJ),
-                    "pretraining_tp": 1}
+                    "pretraining_tp": self.extra.get("pretraining_tp", 1)}
         if self.family == "mistral" and not bias:
             return {"sliding_window": self.sliding_window}
         if self.family == "qwen2" and bias == {"q_proj", "k_proj", "v_proj"}:

@@ -19,7 +19,7 @@ import torch
 
 from model.checkpoint import load, save
 from model.config import FAMILIES, LlamaConfig
-from model.llama import KVCache, Llama
+from model.llama import KVCache, Llama, rope_tables
 from tests.conftest import need_module
 
 TOL = 1e-4
@@ -37,6 +37,7 @@ CASES = {
     "llama-mqa": ("llama", dict(num_key_value_heads=1)),
     "llama-head-dim-32": ("llama", dict(head_dim=32)),
     "llama-bias": ("llama", dict(attention_bias=True, mlp_bias=True)),
+    "llama-pretraining-tp-2": ("llama", dict(pretraining_tp=2)),  # read by no transformers 5 code
     "llama-linear": ("llama", dict(rope_parameters={"rope_type": "linear", "factor": 4.0})),
     "llama-llama3": ("llama", dict(rope_parameters={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -117,6 +118,17 @@ def test_scaled_cases_are_past_the_original_context(case, saved):
     assert max_diff(logits(plain), expected) > 10 * TOL
 
 
+@pytest.mark.parametrize("case", SCALED)
+def test_rotary_tables_are_the_same_floats_as_transformers(case, saved):
+    """Stronger than the logits: cos/sin at positions 0..47 (with YaRN's scale) bit for bit."""
+    hf, folder, _ = saved(case)
+    ours, _ = load(folder, tokenizer=False)
+    positions = torch.arange(SEQ)[None]
+    want_cos, want_sin = hf.model.rotary_emb(torch.zeros(1), positions)
+    cos, sin = rope_tables(ours.config, positions, torch.float32)
+    assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+
+
 def to_legacy(config: dict) -> dict:
     """config.json as transformers 4 wrote it: top-level rope_theta, rope_scaling (legacy 'type'
     for linear/dynamic as before 4.42, rope_type otherwise), no rope_parameters."""
@@ -144,6 +156,22 @@ def test_transformers4_config_form_gives_the_same_numbers(case, saved, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
     with torch.no_grad():
         assert max_diff(hf(tokens()).logits, expected) < TOL
+
+
+def test_top_level_original_context_is_read_as_transformers_reads_it(saved, tmp_path):
+    """transformers gives a top-level original_max_position_embeddings priority over the rope
+    dict's (for Phi-3); a config that has it only there means the same to both of us."""
+    transformers = need_module("transformers")
+    _, folder, expected = saved("llama-llama3")
+    config = json.loads((folder / "config.json").read_text())
+    config["original_max_position_embeddings"] = config["rope_parameters"].pop("original_max_position_embeddings")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shutil.copy(folder / "model.safetensors", tmp_path / "model.safetensors")
+    ours, _ = load(tmp_path, tokenizer=False)
+    assert ours.config.rope_scaling["original_max_position_embeddings"] == ORIGINAL_CTX
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
+    with torch.no_grad():
+        assert max_diff(logits(ours), expected) < TOL and max_diff(hf(tokens()).logits, expected) < TOL
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -236,6 +264,10 @@ REFUSED = {
     "unused-rope-key": ("llama", {}, lambda c: _edit(c, rope_parameters={
         "rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 8}),
         "rope_parameters.original_max_position_embeddings is not used by rope_type 'dynamic'"),
+    "original-context-contradiction": ("llama", dict(rope_parameters=dict(YARN)),
+                                       lambda c: _edit(c, original_max_position_embeddings=8),
+                                       "original_max_position_embeddings=8 contradicts "
+                                       "rope_parameters.original_max_position_embeddings=16"),
     "quantized": ("llama", {}, lambda c: _edit(c, quantization_config={"quant_method": "gptq", "bits": 4}),
                   "'quantization_config'"),
     "architecture": ("qwen2", {}, lambda c: _edit(c, architectures=["LlamaForCausalLM"]),
