@@ -32,7 +32,7 @@ class PrepareConfig:
     out: str = "runs/tokens/"                        # token file folder (or prefix)
     format: str = "inscp"                            # inscp | orgcp | sft | tcot | recovery | translation
     tokenizer: str = ""                              # tokenizer file/folder or .gguf (default: SmolLM2)
-    template: str | None = None                      # llama2 | llama3 | chatml (default: detected)
+    template: str | None = None                      # a model.chat.TEMPLATES name (default: recognised)
     system: str | None = None                        # default system prompt for chat formats
     text_field: str = "text"                         # .jsonl texts
     paragraphs: bool = False                         # .txt: blank-line separated paragraphs

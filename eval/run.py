@@ -29,6 +29,7 @@ import torch
 from eval import alignment, mtbench, multiple_choice, perplexity, refusal, translation
 from eval.common import ChatRunner, data_file, read_jsonl, seed_everything
 from eval.report import write_report
+from model.chat import TEMPLATES, get_template
 from model.tcot import TCOTRunner
 
 SUITES = ("alignment", "ppl", "mc", "refusal", "translation", "mtbench")
@@ -68,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="mtbench: the models are TransLLM models; answer by translation chain-of-thought")
     p.add_argument("--judge", help="judge model (HF folder or .gguf) for mtbench grading")
     p.add_argument("--judge-max-new-tokens", type=int, default=512, help="room for the judge's explanation")
-    p.add_argument("--template", choices=["llama2", "llama3", "chatml"], help="chat template (default: detected)")
+    p.add_argument("--judge-template", choices=list(TEMPLATES), help="the judge's chat template (default: its stored one)")
+    p.add_argument("--template", choices=list(TEMPLATES), help="chat template (default: recognised from the stored one)")
     p.add_argument("--system", help="system prompt for the evaluated models (default: the model's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -154,7 +156,8 @@ def _grade_mtbench(results: dict, args, log=print) -> None:
     """Load the judge once and grade every model's MT-bench answers in place."""
     from model.checkpoint import load
     judge_model, judge_tok = load(args.judge, dtype=getattr(torch, args.dtype), device=args.device)
-    judge_runner = ChatRunner(judge_model, judge_tok, max_new_tokens=args.judge_max_new_tokens,
+    judge_runner = ChatRunner(judge_model, judge_tok, get_template(judge_tok, args.judge_template),
+                              max_new_tokens=args.judge_max_new_tokens,
                               batch_size=args.batch_size, seed=args.seed)
     for name, per_model in results["models"].items():
         for lang, entry in per_model.get("mtbench", {}).items():

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 
 from model import assets  # noqa: E402
-from model.chat import get_template  # noqa: E402
+from model.chat import TEMPLATES, get_template  # noqa: E402
 from model.checkpoint import load  # noqa: E402
 from model.generate import Sampling, Streamer, generate  # noqa: E402
 
@@ -25,7 +25,7 @@ def parse_args(argv=None):
     p.add_argument("--model", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct GGUF)")
     p.add_argument("--prompt", help="answer this one message and exit")
     p.add_argument("--system", help="system prompt (default: the model's own, if its template has one)")
-    p.add_argument("--template", choices=["llama2", "llama3", "chatml"], help="default: detected")
+    p.add_argument("--template", choices=list(TEMPLATES), help="default: recognised from the stored chat template")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from data.kd import generate_kd, model_identity, pending  # noqa: E402
 from data.readers import DataError  # noqa: E402
 from model import assets  # noqa: E402
-from model.chat import get_template  # noqa: E402
+from model.chat import TEMPLATES, get_template  # noqa: E402
 from model.checkpoint import load  # noqa: E402
 from model.generate import Sampling  # noqa: E402
 from model.runner import Runner  # noqa: E402
@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=0, help="first N instructions only (0 = all)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--template", choices=["llama2", "llama3", "chatml"], help="default: detected")
+    p.add_argument("--template", choices=list(TEMPLATES), help="default: recognised from the stored chat template")
     p.add_argument("--system", help="system prompt (default: the model's own; llama2: 'You are a helpful assistant.')")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--device", default=None, help="default: cuda when present")

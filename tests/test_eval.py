@@ -261,10 +261,12 @@ def test_perplexity_is_exp_mean_nll():
 
 
 def test_perplexity_inscp_scores_only_the_text_and_end_of_turn():
+    from model.chat import get_template
     model, tok = tiny_llama(), CharTokenizer()
-    ids, scored = perplexity.inscp_ids(tok, "some text")
+    template = get_template(tok, "llama2")  # the tokenizer stores no template: it is named, never guessed
+    ids, scored = perplexity.inscp_ids(tok, "some text", template)
     assert sum(scored) == len(" some text ") + 1  # llama2 template: ' {text} ' + EOS
-    got = perplexity.perplexity(model, tok, ["some text"], form="inscp", desc=None)
+    got = perplexity.perplexity(model, tok, ["some text"], form="inscp", template=template, desc=None)
     nll = _independent_nll(model, ids, scored)
     assert got["ppl"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
 
@@ -374,7 +376,9 @@ def test_mtbench_answers_judge_and_parse():
 
 
 def test_chat_runner_generates_with_a_real_model():
-    runner = ChatRunner(tiny_llama(), CharTokenizer(), max_new_tokens=5, batch_size=2)
+    from model.chat import get_template
+    tok = CharTokenizer()  # stores no chat template: one is named
+    runner = ChatRunner(tiny_llama(), tok, get_template(tok, "llama2"), max_new_tokens=5, batch_size=2)
     answers = runner.ask(["hi", "a longer prompt", "x"], desc=None)
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
     # batched greedy answers equal one-at-a-time answers (left padding is masked)
@@ -414,9 +418,10 @@ def test_report_writes_valid_json_markdown_and_svg(tmp_path):
 def test_cli_end_to_end_on_tinystories(tmp_path):
     from eval import run
     path = str(need(assets.tinystories_dir))
-    results = run.main(["--model", path, "--name", "tiny", "--suite", ",".join(run.SUITES), "--limit", "2",
+    results = run.main(["--model", path, "--name", "tiny", "--template", "llama2",  # TinyStories stores none
+                        "--suite", ",".join(run.SUITES), "--limit", "2",
                         "--max-new-tokens", "3", "--batch-size", "4", "--directions", "en-th",
-                        "--mtbench-langs", "en", "--judge", path, "--judge-max-new-tokens", "4",
+                        "--mtbench-langs", "en", "--judge", path, "--judge-template", "llama2", "--judge-max-new-tokens", "4",
                         "--out", str(tmp_path)])
     got = results["models"]["tiny"]
     assert set(got) == set(run.SUITES)

@@ -8,6 +8,7 @@ transformers.AutoTokenizer for saved folders.
 from __future__ import annotations
 
 import functools
+import json
 import itertools
 
 import pytest
@@ -238,3 +239,121 @@ def test_whole_thai_file_llama3_and_smollm2(llama3, smollm2, smollm2_meta):
     ids = smollm2.encode(text)
     assert ids == _smollm2_reference(smollm2_meta).encode(text, add_special_tokens=False).ids
     assert smollm2.decode(ids) == text
+
+
+# --------------------------------------------------- BOS/EOS of hub-format tokenizer folders
+def _frame_check(folder, texts):
+    """Ours (encode with add_bos/add_eos) == `tokenizers` (default add_special_tokens) ==
+    transformers.AutoTokenizer on every text, BOS/EOS included."""
+    tk, transformers = need_module("tokenizers"), need_module("transformers")
+    ours = load_tokenizer(folder)
+    ref = tk.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    for x in texts:
+        if any(s in x for s in ours.special_tokens):  # the references turn those into special ids
+            continue
+        ids = ours.encode(x, bos=ours.add_bos, eos=ours.add_eos)
+        assert ids == ref.encode(x).ids == hf(x)["input_ids"], x[:60]
+    assert (hf.bos_token_id, hf.eos_token_id) == (ours.bos_id, ours.eos_id)
+    return ours
+
+
+@pytest.fixture(scope="module")
+def llama3_hub_folder(tmp_path_factory):
+    """A LLaMA-3 (Instruct) folder as the hub ships it, made here with transformers' converter
+    from the real tiktoken file: BOS hidden in a Sequence[ByteLevel, TemplateProcessing]
+    post-processor, eos <|eot_id|> in tokenizer_config.json, no add_bos_token flag."""
+    tk = need_module("tokenizers")
+    need_module("tiktoken")
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    tok = TikTokenConverter(vocab_file=str(need(assets.llama3_tokenizer)), extra_special_tokens=LLAMA3_SPECIALS).converted()
+    bos = "<|begin_of_text|>"
+    tok.post_processor = tk.processors.Sequence([
+        tk.processors.ByteLevel(trim_offsets=False),
+        tk.processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, 128000)])])
+    folder = tmp_path_factory.mktemp("llama3-hub")
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": bos, "eos_token": "<|eot_id|>", "clean_up_tokenization_spaces": True,
+        "model_input_names": ["input_ids", "attention_mask"], "model_max_length": 131072,
+        "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return folder
+
+
+def test_llama3_hub_tokenizer_json_bos_in_sequence(llama3_hub_folder):
+    spec = json.loads((llama3_hub_folder / "tokenizer.json").read_text())
+    assert [p["type"] for p in spec["post_processor"]["processors"]] == ["ByteLevel", "TemplateProcessing"]
+    ours = _frame_check(llama3_hub_folder, _texts()[::8])
+    assert (ours.add_bos, ours.add_eos, ours.bos_id, ours.eos_id) == (True, False, 128000, 128009)
+    from data.formats import orgcp  # the symptom: orgCP samples of Llama-3 started without BOS
+    assert orgcp(ours, "ภาษาไทย")[0][0] == 128000
+
+
+@pytest.fixture(scope="module")
+def qwen2_tokens(tmp_path_factory):
+    """A Qwen2-style byte-level BPE (NFC, Split regex + ByteLevel, no BOS), vocab and merges
+    trained here with `tokenizers` on real en/th/zh text, written by transformers' own
+    Qwen2Tokenizer.save_pretrained with the hub file's ByteLevel post-processor."""
+    tk, transformers = need_module("tokenizers"), need_module("transformers")
+    trainer = tk.trainers.BpeTrainer(vocab_size=3000, show_progress=False,
+                                     initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
+    bpe = tk.Tokenizer(tk.models.BPE())
+    bpe.normalizer = tk.normalizers.NFC()
+    bpe.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(_texts()[::2], trainer)
+    model = json.loads(bpe.to_str())["model"]
+    tok = transformers.Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.backend_tokenizer.post_processor = tk.processors.ByteLevel(trim_offsets=False, add_prefix_space=False,
+                                                                   use_regex=False)
+    folder = tmp_path_factory.mktemp("qwen2")
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("eos", ["<|im_end|>", "<|endoftext|>"])  # Qwen2.5-Instruct / Qwen2.5 base
+def test_qwen2_style_tokenizer_json(qwen2_tokens, tmp_path, eos):
+    import shutil
+    folder = tmp_path / "qwen"
+    shutil.copytree(qwen2_tokens, folder)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "bos_token": None, "eos_token": eos}))
+    ours = _frame_check(folder, _texts()[1::4])
+    assert (ours.add_bos, ours.add_eos, ours.bos_id) == (False, False, None)
+    assert ours.eos_id == ours.token_to_id(eos)
+
+
+def test_post_processor_forms_and_refusals(tmp_path):
+    """Roberta/Bert frames (cls text sep), and a config flag contradicting the post-processor."""
+    tk = need_module("tokenizers")
+    spec = json.loads((need(assets.tinystories_dir) / "tokenizer.json").read_text())
+    spec["post_processor"] = {"type": "RobertaProcessing", "sep": ["<|end_story|>", 2], "cls": ["<|start_story|>", 1],
+                              "trim_offsets": True, "add_prefix_space": False}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    ours = load_tokenizer(tmp_path)
+    ref = tk.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert (ours.add_bos, ours.add_eos) == (True, True)
+    for x in ["Once upon a time", " a  b "]:
+        assert ours.encode(x, bos=True, eos=True) == ref.encode(x).ids
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_eos_token": False}))
+    with pytest.raises(ValueError, match="tokenizer_config.json: add_eos_token=False contradicts"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<unk>"}))
+    with pytest.raises(ValueError, match="eos_token is id 0 but the tokenizer.json post_processor adds id 2"):
+        load_tokenizer(tmp_path)
+    spec["post_processor"] = {"type": "TemplateProcessing", "single": [{"Sequence": {"id": "B", "type_id": 0}}],
+                              "pair": [], "special_tokens": {}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="post_processor single template"):
+        load_tokenizer(tmp_path)
+
+
+def test_save_keeps_the_frame(tmp_path, llama3_hub_folder):
+    """A hub-format tokenizer saved by us frames text the same in transformers."""
+    transformers = need_module("transformers")
+    ours = load_tokenizer(llama3_hub_folder)
+    ours.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    back = load_tokenizer(tmp_path)
+    x = "สวัสดี 臺灣 hello"
+    assert back.encode(x, bos=back.add_bos) == hf(x)["input_ids"] == ours.encode(x, bos=True)

@@ -32,7 +32,7 @@ class RecipeConfig(TrainConfig):
     eval_data: list[str] = field(default_factory=list, metadata=_meta(
         "held-out data files; none: every eval_split-th record of --data is held out instead"))
     eval_split: int = field(default=20, metadata=_meta("without --eval_data hold out every N-th record; 0 = no eval"))
-    template: str = field(default="", metadata=_meta("chat template llama2 | llama3 | chatml (default: detected)"))
+    template: str = field(default="", metadata=_meta("chat template, a model.chat.TEMPLATES name (default: recognised from the stored one)"))
     text_field: str = field(default="text", metadata=_meta("text field of .jsonl text files"))
     paragraphs: bool = field(default=False, metadata=_meta(".txt files: blank-line separated documents (default: one per line)"))
     seq_len: int = field(default=512, metadata=_meta("tokens per packed block"))
