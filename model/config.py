@@ -58,7 +58,9 @@ _REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "interme
 COMMON_KEYS = frozenset(_REQUIRED + (
     "model_type", "architectures", "num_key_value_heads", "rms_norm_eps", "max_position_embeddings",
     "tie_word_embeddings", "head_dim", "bos_token_id", "eos_token_id", "hidden_act", "attention_dropout",
-    "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor", "original_max_position_embeddings"))
+    "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor", "original_max_position_embeddings",
+    # seen in hub files; accepted only at the value that means plain LLaMA (checked in from_hf)
+    "rope_interleaved", "use_mrope"))
 # Keys that cannot change the logits (training setup, generation defaults, bookkeeping).
 IGNORED_KEYS = frozenset({
     "pad_token_id", "initializer_range", "use_cache", "dtype", "torch_dtype", "transformers_version",
@@ -68,6 +70,8 @@ IGNORED_KEYS = frozenset({
     "label2id", "problem_type", "finetuning_task", "tokenizer_class", "prefix", "sep_token_id",
     "decoder_start_token_id", "task_specific_params", "transformers.js_config", "_commit_hash",
     "keys_to_ignore_at_inference", "use_return_dict",
+    # markers written by real exporters: SmolLM2's hub config, unsloth's saves
+    "is_llama_config", "unsloth_version", "unsloth_fixed",
     # Llama's pretraining_tp: transformers 5 no longer reads it (4.x split the matmuls into
     # pretraining_tp slices: the same product up to rounding)
     "pretraining_tp",
@@ -141,6 +145,8 @@ class LlamaConfig:
         get = lambda key, default=None: hf.get(key, FAMILIES[family].defaults.get(key, default))  # noqa: E731
         _require_value(hf, "hidden_act", ("silu", "swish"), "silu", source)
         _require_value(hf, "attention_dropout", (0, 0.0, None), 0.0, source)
+        _require_value(hf, "rope_interleaved", (False, None), False, source)  # True: GPT-J-style pairs
+        _require_value(hf, "use_mrope", (False, None), False, source)  # True: Qwen2-VL multimodal rope
         max_seq_len = get("max_position_embeddings")
         rope_theta, rope_scaling = _rope_from_hf(hf, max_seq_len, source)
         return cls(

@@ -11,8 +11,10 @@ loads as the right class with the same logits, and a config.json equal to its ow
 """
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -308,3 +310,33 @@ def test_family_defaults_are_transformers_defaults():
                     "eos_token_id", "tie_word_embeddings", "rope_parameters", "sliding_window",
                     "use_sliding_window", "max_window_layers", "attention_bias", "mlp_bias"):
             assert ours.get(key, "<absent>") == theirs.get(key, "<absent>"), (family, key)
+
+
+# ---- config.json files as the hub ships them ---------------------------------------------------
+HUB_CONFIGS = json.loads((Path(__file__).parent / "fixtures" / "hub_configs.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(HUB_CONFIGS))
+def test_hub_config_files_load_with_transformers_rotary_tables(name):
+    """The config.json of real hub models (written by transformers 4.x, with their exporters'
+    extra keys: SmolLM2's is_llama_config/rope_interleaved, Qwen2.5's use_mrope...) load, and
+    their rotary tables equal transformers' far past the original context."""
+    transformers = need_module("transformers")
+    hub = HUB_CONFIGS[name]
+    ours = LlamaConfig.from_hf(hub, source=f"{name}/config.json")
+    theirs = getattr(transformers, CONFIG_CLASS[hub["model_type"]])(**hub)
+    modeling = importlib.import_module(f"transformers.models.{hub['model_type']}.modeling_{hub['model_type']}")
+    emb = getattr(modeling, CONFIG_CLASS[hub["model_type"]].replace("Config", "RotaryEmbedding"))(config=theirs)
+    positions = torch.tensor([[0, 1, 100, 4000, 9000, 30000]])
+    want_cos, want_sin = emb(torch.zeros(1), positions)
+    cos, sin = rope_tables(ours, positions, torch.float32)
+    assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+    assert (ours.dim, ours.n_kv_heads, ours.head_dim) == (hub["hidden_size"], hub["num_key_value_heads"],
+                                                         hub.get("head_dim", hub["hidden_size"] // hub["num_attention_heads"]))
+
+
+@pytest.mark.parametrize("key", ["rope_interleaved", "use_mrope"])
+def test_hub_marker_keys_are_refused_at_the_value_that_changes_numbers(key):
+    hub = dict(HUB_CONFIGS["HuggingFaceTB/SmolLM2-135M-Instruct"], **{key: True})
+    with pytest.raises(ValueError, match=f"{key}=True is not supported"):
+        LlamaConfig.from_hf(hub, source="config.json")
