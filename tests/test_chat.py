@@ -1,4 +1,4 @@
-"""model/chat.py against transformers rendering each model's REAL Jinja chat template.
+"""model/chat.py (+ chat_jinja.py) against transformers rendering each model's REAL Jinja chat template.
 
 The hub templates are fixtures (tests/fixtures/chat_templates/, sources in SOURCES.md). For
 every family and a matrix of conversations (with/without system, 1-3 turns, with/without the
@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from model import assets
-from model.chat import TEMPLATES, get_template, recognise
+from model.chat import TEMPLATES, get_template
+from model.chat_jinja import recognise
 from tests.conftest import need, need_module
 
 FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
