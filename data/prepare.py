@@ -85,6 +85,9 @@ def read_records(cfg: PrepareConfig) -> Iterator:
 def sources(paths: list[str]) -> list[dict]:
     """What a token file was made from: each input's path, size and sha256 (its provenance; two
     token files with equal sources, format and tokenizer hold the same samples)."""
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"data file {missing[0]} not found")
     return [{"path": str(p), "bytes": Path(p).stat().st_size, "sha256": file_digest(p)} for p in paths]
 
 

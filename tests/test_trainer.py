@@ -20,10 +20,11 @@ from model.llama import Llama
 from model.lora import apply_lora
 from train import distributed
 from train.config import TrainConfig, config_hash, parse_args, save_config
+from train.checkpointing import frozen_fingerprint
 from train.errors import TrainError, TrainingDiverged
 from train.optim import lr_at, param_groups
-from train.trainer import Trainer
-from trainer_worker import ToyLoader, WorkerConfig, make_trainer
+from train.trainer import CausalLMLoss, Trainer
+from trainer_worker import ToyLoader, WorkerConfig, build_model, make_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "trainer_worker.py"
@@ -232,6 +233,30 @@ def test_sigkill_during_checkpoint_write_two_ranks(tmp_path, two_rank_reference)
     for step in range(4, STEPS + 1):  # resumed from step 3, the half-written 6 was never read
         assert resumed[step]["loss"] == two_rank_reference[step]["loss"], step
         assert resumed[step]["grad_norm"] == two_rank_reference[step]["grad_norm"], step
+
+
+@pytest.mark.slow
+def test_eval_before_every_save_two_ranks_lora_resumes_exactly(tmp_path):
+    """Every checkpoint is written right after an eval pass (which leaves FSDP2's root unsharded):
+    each still resumes, with exactly the losses of an uninterrupted run, and its frozen-weight
+    fingerprint is the one of the plain unsharded model in one process (layout-free)."""
+    flags = ["--lora", "--grad_accum", "1", "--eval_every", "2", "--save_every", "2"]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    run_worker(ref, *flags, nproc=2)
+    died = run_worker(out, *flags, nproc=2, fault="kill_at_step@7", check=False)
+    assert died.returncode != 0 and complete_checkpoints(out) == ["step_00000004", "step_00000006"]
+    stored = {json.loads((out / "checkpoints" / name / "meta.json").read_text())["frozen_fingerprint"]
+              for name in complete_checkpoints(out)}
+    distributed.init("cpu")  # the fingerprint is a collective (of one rank here)
+    plain = frozen_fingerprint(CausalLMLoss(build_model(WorkerConfig(out_dir=str(tmp_path / "x"), lora=True))))
+    assert stored == {plain}
+
+    run_worker(out, *flags, "--resume", nproc=2)
+    expected, resumed = metrics(ref), metrics(out)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(7, STEPS + 1):  # resumed from step 6, written right after the eval of step 6
+        assert resumed[step]["loss"] == expected[step]["loss"], step
+        assert resumed[step]["grad_norm"] == expected[step]["grad_norm"], step
 
 
 def test_resume_refuses_a_different_run(tmp_path):

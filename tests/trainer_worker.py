@@ -7,6 +7,7 @@ same interface (next_batch / state_dict / load_state_dict).
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +109,8 @@ def arm_kill_in_export(step: int) -> None:
 
 def main(argv=None):
     cfg = parse_args(WorkerConfig, argv)
-    arm_kill_in_export(cfg.max_steps)
+    if os.environ.get("LANGSHIFT_FAULT", "").startswith("kill_in_export@"):
+        arm_kill_in_export(cfg.max_steps)
     with distributed.session("cpu") as info:
         make_trainer(cfg, info).fit()
 
