@@ -7,6 +7,7 @@ decode(ids), bos_id, eos_id, pad_id.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import random
 from itertools import islice
@@ -18,6 +19,9 @@ from tqdm import tqdm
 
 from data import readers as data_readers
 from model import assets
+from model.chat import get_template
+from model.generate import Sampling
+from model.runner import Runner
 
 
 def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
@@ -32,6 +36,32 @@ def data_file(*parts: str, split: str = "data") -> Path:
     if split not in ("data", "holdout"):
         raise ValueError(f"split must be 'data' or 'holdout', got {split!r}")
     return assets.shared_file(split, *parts)
+
+
+def parse_checked(parser: argparse.ArgumentParser, argv, check: Callable[[argparse.Namespace], str | None]):
+    """parser.parse_args(argv), then check(args) -> a problem or None: a problem ends the program
+    with one line "prog: error: ..." (no usage block) and exit code 2, before any work."""
+    args = parser.parse_args(argv)
+    problem = check(args)
+    if problem:
+        parser.exit(2, f"{parser.prog}: error: {problem}\n")
+    return args
+
+
+def first_problem(checks: list[tuple[bool, str]]) -> str | None:
+    """The message of the first (ok, message) pair that is not ok, or None."""
+    return next((message for ok, message in checks if not ok), None)
+
+
+def device_problem(device: str) -> str | None:
+    """Why a --device value cannot be used here, as one line naming the flag, or None."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        return f"--device {device!r}: not a torch device (cpu, cuda, cuda:N)"
+    if kind == "cuda" and not torch.cuda.is_available():
+        return f"--device {device}: no CUDA device on this machine (use cpu)"
+    return None
 
 
 def seed_everything(seed: int) -> None:
@@ -124,60 +154,20 @@ def encode_with_bos(tokenizer, text: str) -> list[int]:
     return ([bos] if bos is not None and bos >= 0 else []) + ids
 
 
-def _pad_id(tokenizer) -> int:
-    for name in ("pad_id", "eos_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int) and value >= 0:
-            return value
-    return 0
+class ChatRunner(Runner):
+    """eval's runner: model.runner.Runner (batched; the template's stop ids; prompts longer than
+    the context minus the budget keep their newest tokens, counted in `truncated`, which eval.run
+    reports; max_new_tokens capped at half the context) built from eval's flags, greedy by default.
 
-
-class ChatRunner:
-    """Answers conversations with a model through its chat template, batched and greedy by
-    default. `answer(conversations)`: list of message lists -> list of answer strings.
-
-    postprocess(str) -> str is applied to every decoded answer (e.g. TransLLM's "text after
-    <TH>"). max_new_tokens is capped at half the model's context; prompts longer than the rest
-    lose their oldest tokens (counted in `truncated`, which eval.run reports).
+    answer(conversations) -> [str]; results(conversations) -> [model.runner.Answer] (text, ids,
+    and `stopped`: the answer ended with a stop id of the template within the budget).
+    postprocess(str) -> str is applied to every decoded answer (e.g. TransLLM's "text after <TH>").
     """
 
     def __init__(self, model, tokenizer, template=None, max_new_tokens: int = 256, batch_size: int = 8,
                  temperature: float = 0.0, seed: int = 0, system: str | None = None,
                  postprocess: Callable[[str], str] | None = None):
-        from model.chat import get_template
-        self.model, self.tokenizer = model, tokenizer
-        self.template = template or get_template(tokenizer, system=system)
-        # at most half the context for the answer, so a long prompt still keeps half for itself
-        self.max_new_tokens = min(max_new_tokens, max_len_of(model) // 2)
-        self.batch_size = batch_size
-        self.temperature, self.seed = temperature, seed
-        self.postprocess = postprocess or (lambda s: s)
-        self.truncated = 0
-
-    def render(self, messages: list[dict]) -> list[int]:
-        ids = self.template.render(messages, add_generation_prompt=True)
-        room = max_len_of(self.model) - self.max_new_tokens
-        if len(ids) > room:
-            self.truncated += 1
-            ids = ids[-room:]
-        return ids
-
-    def answer(self, conversations: list[list[dict]], desc: str | None = "generate") -> list[str]:
-        from model.generate import Sampling, generate
-        prompts = [self.render(c) for c in conversations]
-        sampling = Sampling(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                            stop_ids=[i for i in self.template.stop_ids if i is not None], seed=self.seed)
-        out: list[str | None] = [None] * len(prompts)
-        # similar lengths together: less left padding, same results (padding is masked)
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        for batch in tqdm(batches, desc=desc, disable=desc is None, leave=False):
-            new = generate(self.model, [prompts[i] for i in batch], sampling, pad_id=_pad_id(self.tokenizer))
-            for i, ids in zip(batch, new):
-                # an answer cut by max_new_tokens can end inside a UTF-8 character: drop the U+FFFD
-                out[i] = self.postprocess(self.tokenizer.decode(ids).rstrip("\ufffd")).strip()
-        return out  # type: ignore[return-value]
-
-    def ask(self, prompts: list[str], desc: str | None = "generate") -> list[str]:
-        """Single-turn convenience: one user message each."""
-        return self.answer([[{"role": "user", "content": p}] for p in prompts], desc)
+        template = template if template is not None else get_template(tokenizer, system=system)
+        super().__init__(model, tokenizer, template,
+                         Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
+                         batch_size=batch_size, postprocess=postprocess)

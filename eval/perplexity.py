@@ -46,13 +46,19 @@ def perplexity(model, tokenizer, texts: list[str], form: str = "plain", template
             raise ValueError(f"form must be 'plain' or 'inscp', got {form!r}")
         seqs.append(ids[:limit])
         targets.append(scored[:limit])
-    results = score_tokens(model, seqs, targets, batch_size=batch_size, desc=desc)
-    total_logp = sum(s for s, _ in results)
+    scored = mean_nll(model, seqs, targets, batch_size=batch_size, desc=desc)
+    return {"ppl": math.exp(scored["nll"]), "nll": scored["nll"], "tokens": scored["tokens"], "n": len(texts),
+            "form": form, "per_text_ppl": [math.exp(x) for x in scored["per_text_nll"]]}
+
+
+def mean_nll(model, sequences: list[list[int]], targets: list[list[bool]], batch_size: int = 8,
+             desc: str | None = None) -> dict:
+    """Token-weighted mean negative log-likelihood of the scored positions of all sequences
+    (sequences[i]: ids; targets[i]: bool per id, as score_tokens takes them).
+    -> {"nll", "tokens": scored tokens, "per_text_nll": [mean NLL of each sequence, nan if none]}."""
+    results = score_tokens(model, sequences, targets, batch_size=batch_size, desc=desc)
     total_tokens = sum(n for _, n in results)
     if total_tokens == 0:
         raise ValueError("no token was scored (texts empty after tokenisation?)")
-    nll = -total_logp / total_tokens
-    return {
-        "ppl": math.exp(nll), "nll": nll, "tokens": total_tokens, "n": len(texts), "form": form,
-        "per_text_ppl": [math.exp(-s / n) if n else float("nan") for s, n in results],
-    }
+    return {"nll": -sum(s for s, _ in results) / total_tokens, "tokens": total_tokens,
+            "per_text_nll": [-s / n if n else float("nan") for s, n in results]}

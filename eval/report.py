@@ -15,16 +15,17 @@ from pathlib import Path
 # Leaf names that make the side-by-side table, and the chart each belongs to (its unit).
 HEADLINE = {
     "aligned": "rate", "acc": "rate", "acc_norm": "rate", "refusal_rate": "rate",
-    "judge_refusal_rate": "rate", "lang_aligned": "rate",
+    "judge_refusal_rate": "rate", "lang_aligned": "rate", "echo_degenerate": "rate", "end_of_turn": "rate",
     "bleu": "0-100", "chrf++": "0-100",
     "score": "1-10", "turn1": "1-10", "turn2": "1-10",
-    "ppl": "ppl",
+    "ppl": "ppl", "answer_nll": "nll",
 }
-CHART_TITLES = {"rate": "Rates (0-1, higher is better)", "0-100": "Translation (BLEU, chrF++)",
-                "1-10": "MT-bench judge score (1-10)", "ppl": "Perplexity (lower is better)"}
+CHART_TITLES = {"rate": "Rates (0-1; echo/degenerate: lower is better, the rest higher)",
+                "0-100": "Translation (BLEU, chrF++)", "1-10": "MT-bench judge score (1-10)",
+                "ppl": "Perplexity (lower is better)", "nll": "Answer NLL per token (lower is better)"}
 # Bulky or per-item parts that are in the JSON but not worth a table row.
 _SKIP = {"examples", "predictions", "per_text_ppl", "langs", "refused", "judge_refused", "judgements",
-         "per_subject", "per_category", "shares", "precisions"}
+         "per_subject", "per_category", "shares", "precisions", "echo"}
 
 
 def clean(value):
@@ -62,14 +63,20 @@ def _fmt(value: float | None, metric: str) -> str:
     return f"{value:.2f}"
 
 
-def markdown_table(results: dict) -> str:
-    """One row per headline metric, one column per model."""
+def markdown_table(results: dict, change: bool = False) -> str:
+    """One row per headline metric, one column per model; change=True adds a column with the
+    last model's value minus the first's (a before/after table)."""
     models = list(results["models"])
     rows = {name: headline(r) for name, r in results["models"].items()}
     metrics = list(dict.fromkeys(m for name in models for m in rows[name]))
-    lines = ["| metric | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+    extra = ["change"] if change else []
+    lines = ["| metric | " + " | ".join(models + extra) + " |", "|---|" + "---:|" * (len(models) + len(extra))]
     for metric in metrics:
-        cells = [_fmt(rows[name].get(metric), metric) for name in models]
+        values = [rows[name].get(metric) for name in models]
+        cells = [_fmt(v, metric) for v in values]
+        if change:
+            first, last = values[0], values[-1]
+            cells.append("–" if first is None or last is None else "+" * (last >= first) + _fmt(last - first, metric))
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -149,23 +156,42 @@ def charts(results: dict) -> dict[str, str]:
     return out
 
 
+def write_json(data, path: str | Path) -> Path:
+    """data as strict, readable UTF-8 JSON (NaN -> null) at path."""
+    path = Path(path)
+    path.write_text(json.dumps(clean(data), indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8")
+    return path
+
+
+def chart_file(unit: str) -> str:
+    """File name of a unit's chart: "0-100" -> chart_0_100.svg."""
+    return "chart_" + unit.replace("-", "_").replace("+", "") + ".svg"
+
+
+def write_charts(svgs: dict[str, str], out_dir: str | Path) -> dict[str, Path]:
+    """Write {unit: SVG} as out_dir/chart_<unit>.svg. -> {file name: path}."""
+    paths = {}
+    for unit, svg in svgs.items():
+        path = Path(out_dir) / chart_file(unit)
+        path.write_text(svg, encoding="utf-8")
+        paths[path.name] = path
+    return paths
+
+
 def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     """Write results.json, report.md and chart_*.svg into out_dir. -> {name: path}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "report.md"}
-    paths["json"].write_text(json.dumps(clean(results), indent=2, ensure_ascii=False, allow_nan=False),
-                             encoding="utf-8")
+    write_json(results, paths["json"])
     md = ["# Evaluation report", ""]
     config = results.get("config", {})
     if config:
         md += ["Run: " + ", ".join(f"`{k}={v}`" for k, v in config.items()), ""]
     md += ["## Side by side", "", markdown_table(results), ""]
-    for unit, svg in charts(results).items():
-        name = "chart_" + unit.replace("-", "_").replace("+", "") + ".svg"
-        paths[name] = out_dir / name
-        paths[name].write_text(svg, encoding="utf-8")
-        md += [f"![{CHART_TITLES[unit]}]({name})", ""]
+    svgs = charts(results)
+    paths.update(write_charts(svgs, out_dir))
+    md += [line for unit in svgs for line in (f"![{CHART_TITLES[unit]}]({chart_file(unit)})", "")]
     md += ["Every number, per-example answers included, is in `results.json`.", ""]
     paths["markdown"].write_text("\n".join(md), encoding="utf-8")
     return paths

@@ -2,10 +2,14 @@
 
     python -m eval.run --model runs/inscp/final --model path/to/SmolLM2.gguf \\
         --suite alignment,ppl,mc,refusal,translation,mtbench --limit 50 --out runs/eval
+    python -m eval.run --model path/to/SmolLM2.gguf --quick --out runs/quick      # ~2 min per 135M model
 
 Suites (all read the dev split of ../shared/data unless --split holdout, which is for final
 numbers only):
-    alignment    share of answers in the prompt's language (en, th, zh-Hant prompts)
+    alignment    share of answers in the prompt's language (en, th, zh-Hant prompts), echoes and
+                 degenerate repetitions counted apart, and the end-of-turn rate
+    nll          answer NLL: mean NLL per token of reference answers given the question, in the
+                 chat template (DRCD zh-Hant, XQuAD th/en, Alpaca en; eval/answer_nll.py)
     ppl          perplexity of PUD sentences (en, th, zh), plain and in the InsCP template
     mc           MMLU, TMMLU, Thai O-NET by log-likelihood (--shots k, --mc-style letters|text)
     refusal      AdvBench refusal rate (GCG keyword list)
@@ -13,26 +17,36 @@ numbers only):
     mtbench      two-turn answers in English and Thai (answers_<model>_<lang>.jsonl); graded
                  by --judge PATH when given (MT-bench has one split: --split does not apply);
                  --tcot answers the TransLLM way (model/tcot.py), English thoughts saved too
+    quick        eval/quick.py's report: answer NLL, echo-free alignment, end-of-turn rate and two
+                 sample answers at a size that runs in about 2 minutes on 2 CPU cores for a 135M
+                 model (`--quick` = `--suite quick`; --limit, --max-new-tokens, --batch-size
+                 change its sizes when given)
 Greedy decoding and fixed seeds: the same command gives the same numbers. --limit N caps every
-data set at N items (prompts, questions, sentences). Writes OUT/results.json, OUT/report.md and
-OUT/chart_*.svg, rewritten after every model so a long run keeps what it has.
+data set at N items (prompts, questions, sentences). Every flag, model path, data file and the
+--out folder are checked before the first model is loaded; OUT/results.json, OUT/report.md and
+OUT/chart_*.svg are rewritten after every suite, so a long run keeps what it has.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from eval import alignment, mtbench, multiple_choice, perplexity, refusal, translation
-from eval.common import ChatRunner, data_file, read_jsonl, seed_everything
+from eval import alignment, answer_nll, mtbench, multiple_choice, perplexity, quick, refusal, translation
+from eval.common import (ChatRunner, data_file, device_problem, first_problem, parse_checked, read_jsonl,
+                         seed_everything)
 from eval.report import write_report
 from model.chat import TEMPLATES, get_template
 from model.tcot import TCOTRunner
 
-SUITES = ("alignment", "ppl", "mc", "refusal", "translation", "mtbench")
+SUITES = ("alignment", "nll", "ppl", "mc", "refusal", "translation", "mtbench", "quick")
+DEFAULT_SUITES = "alignment,nll,ppl,mc,refusal,translation"
+DEFAULTS = {"limit": 50, "max_new_tokens": 256, "batch_size": 8}  # --quick has its own (eval.quick.QuickSizes)
 
 MC_SETS = {  # name: (dev file, holdout file)
     "mmlu": ("eval/mmlu.dev.jsonl", "eval/mmlu.test2000.jsonl"),
@@ -41,6 +55,7 @@ MC_SETS = {  # name: (dev file, holdout file)
 }
 ADVBENCH = ("eval/advbench.dev.jsonl", "eval/advbench.test.jsonl")
 PPL_LANGS = ("en", "th", "zh")
+MTBENCH_LANGS = ("en", "th")
 
 
 def _file(pair: tuple[str, str], split: str) -> Path:
@@ -48,23 +63,32 @@ def _file(pair: tuple[str, str], split: str) -> Path:
     return data_file(*rel.split("/"), split=split)
 
 
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Parse and check every flag (one line naming the flag and its allowed values, exit 2); the
+    paths are checked by check_paths."""
+    p = argparse.ArgumentParser(prog="eval.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, help="HF folder or .gguf (repeat for several)")
     p.add_argument("--name", action="append", help="display name per --model (default: from the path)")
-    p.add_argument("--suite", default="alignment,ppl,mc,refusal,translation",
-                   help=f"comma-separated, from {','.join(SUITES)}")
-    p.add_argument("--limit", type=int, default=50, help="items per data set (0 = all)")
+    p.add_argument("--suite", help=f"comma-separated, from {','.join(SUITES)} (default: {DEFAULT_SUITES})")
+    p.add_argument("--quick", action="store_true", help="= --suite quick: the ~2-minute report of eval/quick.py")
+    p.add_argument("--limit", type=int, help=f"items per data set (0 = all; default {DEFAULTS['limit']})")
     p.add_argument("--out", default="runs/eval")
     p.add_argument("--split", choices=["data", "holdout"], default="data",
                    help="holdout = the test halves: final evaluation only, never for tuning")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, help=f"answer budget (default {DEFAULTS['max_new_tokens']})")
+    p.add_argument("--batch-size", type=int, help=f"default {DEFAULTS['batch_size']}")
     p.add_argument("--shots", type=int, default=0, help="k-shot examples for mc")
     p.add_argument("--mc-style", choices=["letters", "text"], default="letters")
     p.add_argument("--alignment-sets", default="en,th,zh-Hant")
+    p.add_argument("--nll-sets", help=f"answer-NLL sets, from {','.join(answer_nll.QA_SETS)} "
+                                      "(default: every set the split has)")
     p.add_argument("--directions", default=",".join(translation.DEFAULT_DIRECTIONS))
-    p.add_argument("--mtbench-langs", default="en,th")
+    p.add_argument("--mtbench-langs", default=",".join(MTBENCH_LANGS))
     p.add_argument("--tcot", action="store_true",
                    help="mtbench: the models are TransLLM models; answer by translation chain-of-thought")
     p.add_argument("--judge", help="judge model (HF folder or .gguf) for mtbench grading")
@@ -75,14 +99,110 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    args.suites = [s.strip() for s in args.suite.split(",") if s.strip()]
-    unknown = set(args.suites) - set(SUITES)
-    if unknown:
-        p.error(f"unknown suite(s) {sorted(unknown)}: choose from {','.join(SUITES)}")
-    if args.name and len(args.name) != len(args.model):
-        p.error("give one --name per --model, or none")
-    return args
+    return parse_checked(p, argv, check_flags)
+
+
+def check_flags(args) -> str | None:
+    """Resolve the defaults into args (args.suites, args.limit, ...); -> the first problem as one
+    line naming the flag and what it allows, or None."""
+    if args.quick and args.suite is not None:
+        return "--quick runs the quick suite alone: give --quick or --suite, not both"
+    args.suites = ["quick"] if args.quick else _names(args.suite if args.suite is not None else DEFAULT_SUITES)
+    unknown = [s for s in args.suites if s not in SUITES]
+    if unknown or not args.suites:
+        return f"--suite {args.suite!r}: choose from {','.join(SUITES)}"
+    # --quick keeps its own sizes unless these are given
+    args.explicit = {k for k in DEFAULTS if getattr(args, k) is not None}
+    for key, value in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    checks = [
+        (args.limit >= 0, f"--limit {args.limit}: must be >= 0 (0 = every item)"),
+        (args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens}: must be >= 1"),
+        (args.batch_size >= 1, f"--batch-size {args.batch_size}: must be >= 1"),
+        (args.shots >= 0, f"--shots {args.shots}: must be >= 0"),
+        (args.judge_max_new_tokens >= 1, f"--judge-max-new-tokens {args.judge_max_new_tokens}: must be >= 1"),
+        (not args.name or len(args.name) == len(args.model),
+         f"--name: give one per --model ({len(args.model)}), or none"),
+        (not (args.quick or "quick" in args.suites) or args.split == "data",
+         "--split holdout: the quick suite reads the dev split only (it is for training runs)"),
+        (not args.tcot or "mtbench" in args.suites, "--tcot: applies to --suite mtbench only"),
+        (not args.judge or "mtbench" in args.suites, "--judge: applies to --suite mtbench only"),
+        (not args.judge_template or args.judge, "--judge-template: needs --judge"),
+    ]
+    return first_problem(checks) or _check_names(args) or device_problem(args.device)
+
+
+def _check_names(args) -> str | None:
+    for name in _names(args.alignment_sets):
+        if name not in alignment.PROMPT_SETS:
+            return f"--alignment-sets: unknown set {name!r}: choose from {','.join(alignment.PROMPT_SETS)}"
+    args.nll_set_list = _names(args.nll_sets) if args.nll_sets else answer_nll.sets_for(args.split)
+    for name in args.nll_set_list:
+        if name not in answer_nll.QA_SETS:
+            return f"--nll-sets: unknown set {name!r}: choose from {','.join(answer_nll.QA_SETS)}"
+        if args.split not in answer_nll.QA_SETS[name].files:
+            return f"--nll-sets: {name} has no {args.split!r} split (sets with one: {','.join(answer_nll.sets_for(args.split))})"
+    for direction in _names(args.directions):
+        src, _, tgt = direction.partition("-")
+        if src not in translation.LANG_NAMES or tgt not in translation.LANG_NAMES or src == tgt:
+            return (f"--directions: {direction!r} is not SRC-TGT with two different languages from "
+                    f"{','.join(translation.LANG_NAMES)}")
+    for lang in _names(args.mtbench_langs):
+        if lang not in MTBENCH_LANGS:
+            return f"--mtbench-langs: unknown language {lang!r}: choose from {','.join(MTBENCH_LANGS)}"
+    return None
+
+
+def data_files(args) -> list[Path]:
+    """Every data file the chosen suites read (data_file raises FileNotFoundError for a missing one)."""
+    split, files = args.split, []
+    for suite in args.suites:
+        if suite == "alignment":
+            files += [alignment.prompt_file(name, split) for name in _names(args.alignment_sets)]
+        elif suite == "nll":
+            files += [answer_nll.set_file(name, split) for name in args.nll_set_list]
+        elif suite in ("ppl", "translation"):
+            files.append(data_file(*translation.FILES[split].split("/"), split=split))
+        elif suite == "mc":
+            files += [_file(pair, split) for pair in MC_SETS.values()]
+            files += [_file(pair, "data") for pair in MC_SETS.values()] if split == "holdout" else []  # k-shot pool
+        elif suite == "refusal":
+            files.append(_file(ADVBENCH, split))
+        elif suite == "mtbench":
+            files += [data_file("eval", f"mt_bench_{lang}.jsonl") for lang in ("en", *_names(args.mtbench_langs))]
+        elif suite == "quick":
+            files += quick.data_files()
+    return list(dict.fromkeys(files))
+
+
+def check_paths(args) -> str | None:
+    """Before any model is loaded: the models, the judge, every data file, the --out folder (made
+    and tested for writing), and each model's chat template (its tokenizer alone is read).
+    -> the first problem as one line, or None."""
+    from model.checkpoint import load_tokenizer_only
+    for flag, path in [("--model", m) for m in args.model] + ([("--judge", args.judge)] if args.judge else []):
+        if not Path(path).exists():
+            return f"{flag} {path}: no such file or folder"
+    try:
+        data_files(args)
+    except FileNotFoundError as err:
+        return f"data file missing: {err}"
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"--out {out}: cannot create the folder ({err.strerror or err})"
+    if not os.access(out, os.W_OK | os.X_OK):
+        return f"--out {out}: the folder is not writable"
+    templates = [(p, args.template, args.system) for p in args.model]
+    templates += [(args.judge, args.judge_template, None)] if args.judge and "mtbench" in args.suites else []
+    for path, name, system in templates:
+        try:
+            get_template(load_tokenizer_only(path), name, system=system)
+        except (ValueError, OSError, KeyError) as err:
+            return f"{path}: {err}"
+    return None
 
 
 def model_names(paths: list[str], names: list[str] | None) -> list[str]:
@@ -96,20 +216,36 @@ def model_names(paths: list[str], names: list[str] | None) -> list[str]:
     return out
 
 
-def evaluate_model(model, tokenizer, args, name: str = "model", log=print) -> dict:
-    """Run args.suites on one loaded model. -> {suite: result}. (mtbench answers only; grading
-    happens in `main` once all models have answered, so only one model is in memory at a time.)"""
-    from model.chat import get_template
+def quick_sizes(args) -> quick.QuickSizes:
+    """QuickSizes, with --limit / --max-new-tokens / --batch-size where they were given."""
+    sizes = quick.QuickSizes()
+    if "limit" in args.explicit:
+        sizes.nll_items = sizes.prompts = args.limit or None
+    if "max_new_tokens" in args.explicit:
+        sizes.max_new_tokens = args.max_new_tokens
+    if "batch_size" in args.explicit:
+        sizes.batch_size = args.batch_size
+    return sizes
+
+
+def evaluate_model(model, tokenizer, args, name: str = "model", log=print, results: dict | None = None,
+                   on_suite=None) -> dict:
+    """Run args.suites on one loaded model, filling `results` {suite: result} and calling
+    on_suite() after each suite (eval.run's main rewrites the report there). (mtbench answers
+    only; grading happens in `main` once all models have answered, so only one model is in memory
+    at a time.)"""
     seed_everything(args.seed)
     limit = args.limit or None
     runner = ChatRunner(model, tokenizer, get_template(tokenizer, args.template, system=args.system),
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
-    results: dict = {}
+    results = {} if results is None else results
     for suite in args.suites:
         start = time.time()
         if suite == "alignment":
-            sets = [s for s in args.alignment_sets.split(",") if s]
-            results[suite] = alignment.evaluate(runner, sets, limit, args.split)
+            results[suite] = alignment.evaluate(runner, _names(args.alignment_sets), limit, args.split)
+        elif suite == "nll":
+            results[suite] = answer_nll.evaluate(model, runner.template, args.nll_set_list, limit, split=args.split,
+                                                 batch_size=args.batch_size)
         elif suite == "ppl":
             rows = read_jsonl(data_file(*translation.FILES[args.split].split("/"), split=args.split), limit)
             results[suite] = {f"pud-{lang}": {form: perplexity.perplexity(
@@ -133,16 +269,19 @@ def evaluate_model(model, tokenizer, args, name: str = "model", log=print) -> di
                                   for g, a, r in zip(goals, answers, scored.pop("refused"))]
             results[suite] = {"advbench": scored}
         elif suite == "translation":
-            directions = [d for d in args.directions.split(",") if d]
-            results[suite] = translation.evaluate(runner, directions, limit, args.split)
+            results[suite] = translation.evaluate(runner, _names(args.directions), limit, args.split)
         elif suite == "mtbench":
             results[suite] = {}
             mt_runner = TCOTRunner(model, tokenizer, runner.template, runner.max_new_tokens) if args.tcot else runner
-            for lang in [x for x in args.mtbench_langs.split(",") if x]:
+            for lang in _names(args.mtbench_langs):
                 records = mtbench.generate_answers(mt_runner, mtbench.load_questions(lang, limit), name)
                 path = mtbench.write_answers(records, Path(args.out) / f"answers_{_safe(name)}_{lang}.jsonl")
                 results[suite][lang] = {"answers_file": str(path), "n": len(records), "records": records}
+        elif suite == "quick":
+            results[suite] = quick.quick_report(model, tokenizer, runner.template, quick_sizes(args), log=log)
         log(f"[{name}] {suite} done in {time.time() - start:.0f}s")
+        if on_suite:
+            on_suite()
     if runner.truncated:
         log(f"[{name}] note: {runner.truncated} prompts were cut to fit the context")
     return results
@@ -168,16 +307,22 @@ def _grade_mtbench(results: dict, args, log=print) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    problem = check_paths(args)
+    if problem:
+        print(f"eval.run: error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     from model.checkpoint import load
     out = Path(args.out)
-    results = {"config": {k: v for k, v in vars(args).items() if k != "suites"}, "models": {}}
+    internal = {"suites", "explicit", "nll_set_list"}
+    results = {"config": {k: v for k, v in vars(args).items() if k not in internal}, "models": {}}
     for path, name in zip(args.model, model_names(args.model, args.name)):
         print(f"loading {name} from {path}")
         model, tokenizer = load(path, dtype=getattr(torch, args.dtype), device=args.device)
-        results["models"][name] = evaluate_model(model, tokenizer, args, name)
+        results["models"][name] = {}
+        evaluate_model(model, tokenizer, args, name, results=results["models"][name],
+                       on_suite=lambda: write_report(results, out))
         del model, tokenizer
         gc.collect()
-        write_report(results, out)
     if "mtbench" in args.suites and args.judge:
         _grade_mtbench(results, args)
     paths = write_report(results, out)

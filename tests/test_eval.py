@@ -334,12 +334,24 @@ class FakeRunner:
 
 def test_alignment_scores_answer_languages():
     answers = ["這是繁體中文的回答。", "这是简体中文的回答。", "This is English.", "ภาษาไทย"]
-    got = alignment.score_alignment(answers, "zh-Hant")
+    got = alignment.score_alignment(["問一", "問二", "問三", "問四"], answers, "zh-Hant")
     assert got["aligned"] == 0.25 and got["langs"] == ["zh-Hant", "zh-Hans", "en", "th"]
+    assert got["end_of_turn"] is None and got["echo_degenerate"] == 0.0
+
+
+def test_alignment_on_the_real_prompt_sets_counts_parroting_as_echo():
+    need(assets.shared_file, "data", "eval", "alpaca_eval_th.dev.jsonl")
+    need(assets.shared_file, "data", "qa", "zh_tw_drcd.dev.jsonl")
     prompts = alignment.load_prompts("zh-Hant", limit=3)
     assert len(prompts) == 3 and all(identify(p).lang in ("zh-Hant", "zh") for p in prompts)
-    echo = FakeRunner(lambda conv: conv[-1]["content"])  # answers in the prompt's own language
-    got = alignment.evaluate(echo, ["en", "th"], limit=4)
+    parrot = FakeRunner(lambda conv: conv[-1]["content"])  # the prompt's own language, and nothing else
+    got = alignment.evaluate(parrot, ["en", "th"], limit=4)
+    for name in ("en", "th"):
+        assert got[name]["aligned"] == 0.0 and got[name]["echo_degenerate"] == 1.0
+        assert got[name]["aligned_with_echoes"] == 1.0 and got[name]["end_of_turn"] is None  # cannot tell
+    reply = {"en": "Here is my own answer to that.", "th": "นี่คือคำตอบของผมเองครับ"}
+    own = FakeRunner(lambda conv: reply[identify(conv[-1]["content"]).lang])
+    got = alignment.evaluate(own, ["en", "th"], limit=4)
     assert got["en"]["aligned"] == 1.0 and got["th"]["aligned"] == 1.0
 
 
@@ -356,6 +368,8 @@ def test_translation_extracts_and_scores():
 
 
 def test_mtbench_answers_judge_and_parse():
+    need(assets.shared_file, "data", "eval", "mt_bench_en.jsonl")
+    need(assets.shared_file, "data", "eval", "mt_bench_th.jsonl")
     assert mtbench.parse_rating("Good answer. Rating: [[8]]") == 8.0
     assert mtbench.parse_rating("Rating: [6.5]") == 6.5
     assert mtbench.parse_rating("no rating here") == -1 and mtbench.parse_rating("[[11]]") == -1
@@ -426,7 +440,56 @@ def test_cli_end_to_end_on_tinystories(tmp_path):
     got = results["models"]["tiny"]
     assert set(got) == set(run.SUITES)
     assert 0 <= got["mc"]["mmlu"]["acc"] <= 1 and got["ppl"]["pud-en"]["plain"]["ppl"] > 1
+    assert got["nll"]["drcd-zh-Hant"]["n"] == 2 and got["nll"]["alpaca-en"]["answer_nll"] > 0
+    assert got["quick"]["sizes"]["max_new_tokens"] == 3 and got["quick"]["answer_nll"]["xquad-th"]["n"] == 2
+    assert 0 <= got["alignment"]["th"]["end_of_turn"] <= 1
     assert got["mtbench"]["en"]["n"] == 2 and len(got["mtbench"]["en"]["judgements"]) == 4
     assert (tmp_path / "answers_tiny_en.jsonl").exists()
     json.loads((tmp_path / "results.json").read_text())
     assert "| metric | tiny |" in (tmp_path / "report.md").read_text()
+
+
+def test_cli_checks_flags_paths_and_data_before_loading_a_model(tmp_path, monkeypatch, capsys):
+    from eval import run
+    path = str(need(assets.tinystories_dir))
+    monkeypatch.setattr("model.checkpoint.load", lambda *a, **k: pytest.fail("a model was loaded before the checks"))
+
+    def refused(argv, *named):
+        with pytest.raises(SystemExit) as exit_:
+            run.main(["--model", path, "--template", "llama2", "--out", str(tmp_path / "out")] + argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1, err
+        assert all(n in err for n in named), err
+    refused(["--limit", "-1"], "--limit -1: must be >= 0")
+    refused(["--max-new-tokens", "0"], "--max-new-tokens 0")
+    refused(["--batch-size", "-2"], "--batch-size -2")
+    refused(["--suite", "ppl,bogus"], "--suite")
+    refused(["--quick", "--suite", "ppl"], "--quick")
+    refused(["--alignment-sets", "en,fr"], "--alignment-sets", "'fr'")
+    refused(["--suite", "nll", "--split", "holdout", "--nll-sets", "alpaca-en"], "--nll-sets", "alpaca-en")
+    refused(["--model", str(tmp_path / "missing")], "--model", "missing: no such file or folder")
+    (tmp_path / "a_file").write_text("x")
+    refused(["--out", str(tmp_path / "a_file" / "out")], "--out", "cannot create the folder")
+    # a data set missing from the shared folder is found before the first suite runs, not after it
+    shared = tmp_path / "shared"
+    (shared / "data" / "parallel").mkdir(parents=True)
+    (shared / "data" / "parallel" / "pud_en_th_zh.dev.jsonl").write_text(
+        need(assets.shared_file, "data", "parallel", "pud_en_th_zh.dev.jsonl").read_text(encoding="utf-8"))
+    monkeypatch.setenv("LANGSHIFT_SHARED", str(shared))
+    refused(["--suite", "ppl,mc"], "data file missing", "mmlu.dev.jsonl")
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_cli_writes_results_after_every_suite(tmp_path, monkeypatch):
+    from eval import run
+    path = str(need(assets.tinystories_dir))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("mc broke")
+    monkeypatch.setattr(multiple_choice, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="mc broke"):
+        run.main(["--model", path, "--name", "tiny", "--template", "llama2", "--suite", "ppl,mc", "--limit", "2",
+                  "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["models"]["tiny"]["ppl"]["pud-en"]["plain"]["ppl"] > 1   # the finished suite is kept
+    assert "ppl/pud-en/plain/ppl" in (tmp_path / "report.md").read_text()
