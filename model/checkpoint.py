@@ -68,8 +68,7 @@ def load_tokenizer_only(path: str | os.PathLike):
         tokenizer = tokenizer_from_gguf(metadata)
         tokenizer.chat_template = metadata.get("tokenizer.chat_template")
     else:
-        tokenizer = load_tokenizer(path)
-        tokenizer.chat_template = _load_chat_template(path)
+        tokenizer = load_tokenizer(path)  # reads chat_template.jinja / tokenizer_config.json itself
     return tokenizer
 
 
@@ -199,11 +198,6 @@ def _store_chat_template(folder: Path, jinja: str | None) -> None:
     config = json.loads(file.read_text()) if file.exists() else {}
     config["chat_template"] = jinja
     file.write_text(json.dumps(config, indent=2, ensure_ascii=False))
-
-
-def _load_chat_template(folder: Path) -> str | None:
-    file = folder / "tokenizer_config.json"
-    return _read_json(file).get("chat_template") if file.exists() else None
 
 
 def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
