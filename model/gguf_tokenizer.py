@@ -13,8 +13,8 @@ Export direction (`gguf_tokenizer_metadata`), in the form llama.cpp's convert_hf
   1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte), add_space_prefix and
   remove_extra_whitespaces from its normalizer spec.
 
-Both: bos / eos / unknown / padding ids, add_bos_token (whether plain text starts with BOS) and
-tokenizer.chat_template (the model's own Jinja string). A model whose embedding has more rows
+Both: bos / eos / unknown / padding ids, add_bos_token (whether plain text starts with BOS;
+add_eos_token when it ends with EOS) and tokenizer.chat_template (the model's own Jinja string). A model whose embedding has more rows
 than the tokenizer has ids gets "[PAD<i>]" tokens of type unused, as llama.cpp's converter does.
 
 Import direction (`tokenizer_from_gguf`, at the end of this file): "gpt2" -> byte-level BPE with
@@ -61,6 +61,8 @@ def gguf_tokenizer_metadata(tokenizer, vocab_size: int) -> list[tuple[str, str, 
         if value is not None:
             entries.append((f"tokenizer.ggml.{key}_token_id", "UINT32", int(value)))
     entries.append(("tokenizer.ggml.add_bos_token", "BOOL", bool(tokenizer.add_bos)))
+    if tokenizer.add_eos:  # llama.cpp's default is False; its converter writes the key when set
+        entries.append(("tokenizer.ggml.add_eos_token", "BOOL", True))
     if tokenizer.chat_template:
         entries.append(("tokenizer.chat_template", "STRING", tokenizer.chat_template))
     return entries
