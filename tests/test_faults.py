@@ -18,6 +18,7 @@ recipe; the multi-process runs are marked slow (they still run under plain `pyth
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from pathlib import Path
 import pytest
 
 import train.checkpointing as checkpointing
+import train.recipe as recipe
 import trainer_worker as worker
 from data import prepare as prepare_cli
 from data.readers import DataError, read_texts
@@ -281,6 +283,15 @@ def test_flags_checked_against_the_model_before_tokenising(tiny, tmp_path, capsy
     assert not out.exists()  # nothing tokenised, nothing written
 
 
+def test_transllm_checks_its_template_before_stage0_works(tiny, tmp_path, capsys):
+    from train import transllm
+    out = tmp_path / "run"
+    line = error_line(capsys, lambda: run_main(transllm.main, ["--model", str(tiny), "--out_dir", str(out), "--stage",
+                                                               "0", "--template", "nosuch", "--no-progress"]))
+    assert line.startswith("error: --template 'nosuch': unknown chat template")
+    assert not out.exists()
+
+
 # ---- 6: divergence without a NaN ----------------------------------------------------------------
 
 def test_runaway_learning_rate_stops_naming_the_verified_checkpoint(tmp_path, capsys):
@@ -367,6 +378,16 @@ def test_a_file_in_the_way_and_a_failed_run_leaves_nothing(tiny, tmp_path, capsy
     line = error_line(capsys, lambda: run_main(inscp_main, inscp_argv(tiny, out, "--data", str(bad))))
     assert "bad.jsonl:2: malformed JSON" in line
     assert not out.exists()  # no empty tokens/ folders, no lock, no run folder
+
+
+def test_full_disk_while_tokenising_is_one_line_and_leaves_nothing(tiny, tmp_path, capsys, monkeypatch):
+    def no_space(pcfg, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(pcfg.out) / "tokens.bin.tmp-1"))
+    monkeypatch.setattr(recipe, "prepare", no_space)
+    out, data = tmp_path / "run", story_file(tmp_path / "d.txt")
+    line = error_line(capsys, lambda: run_main(inscp_main, inscp_argv(tiny, out, "--data", str(data))))
+    assert line.startswith(f"error: cannot write the token files to {out / 'tokens'}/") and "(ENOSPC)" in line
+    assert not out.exists()
 
 
 @pytest.mark.slow

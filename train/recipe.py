@@ -22,7 +22,7 @@ from model.chat import get_template
 from model.lora import ALL_LINEAR, apply_lora
 from train import distributed
 from train.config import TrainConfig, _meta, at_least, choice, fraction, positive, zero_or_at_least
-from train.errors import TrainError
+from train.errors import TrainError, writing
 
 
 @dataclass
@@ -131,7 +131,10 @@ def token_files(cfg: RecipeConfig, fmt: str, tokenizer, template, info: distribu
     eval_data = list(eval_data if eval_data is not None else cfg.eval_data)
     if not data:
         raise TrainError("no training data: pass --data FILE [FILE ...]")
-    dirs = distributed.on_main(_token_files, cfg, fmt, tokenizer, template, data, eval_data, options)
+    def write():
+        with writing("the token files", Path(cfg.out_dir) / "tokens"):  # a full disk: one line
+            return _token_files(cfg, fmt, tokenizer, template, data, eval_data, options)
+    dirs = distributed.on_main(write)
     return Path(dirs[0]), (Path(dirs[1]) if dirs[1] else None)
 
 

@@ -196,19 +196,19 @@ class Trainer:
         """A run killed during its final export leaves `.final.tmp-*` (the half-written model) and
         maybe `.final.old-*` (the previous export, moved aside): remove the first, and put the
         second back when no `final/` replaced it (rank 0; collective)."""
-        if self.dist.is_main and self.out_dir.is_dir():
+        def clean():
             for leftover in sorted(self.out_dir.iterdir()):
-                name = leftover.name
                 for kept in ("final", "adapter"):
-                    if name.startswith(f".{kept}.old-") and not (self.out_dir / kept).exists():
+                    if leftover.name.startswith(f".{kept}.old-") and not (self.out_dir / kept).exists():
                         os.replace(leftover, self.out_dir / kept)
-                        tqdm.write(f"note: restored {self.out_dir / kept} from {name} (an export was interrupted)")
-                    elif name.startswith((f".{kept}.tmp-", f".{kept}.old-")):
+                        tqdm.write(f"note: restored {self.out_dir / kept} from {leftover.name} (an export was "
+                                   "interrupted)")
+                    elif leftover.name.startswith((f".{kept}.tmp-", f".{kept}.old-")):
                         shutil.rmtree(leftover, ignore_errors=True)
                         tqdm.write(f"note: removed {leftover}, left by an interrupted export")
             for stale in (self.out_dir / "adapter").glob("*.tmp"):
                 stale.unlink(missing_ok=True)
-        distributed.barrier()
+        self._on_main("the run folder", self.out_dir, clean)
 
     def _check_out_dir(self) -> str | None:
         """Decide (rank 0, broadcast) whether to start fresh or resume; refuse a foreign out_dir.
@@ -226,8 +226,8 @@ class Trainer:
             reasons = "; ".join(f"{f.name}: {why}" for f, why in damaged)
             raise TrainError(f"{self.out_dir}: no intact checkpoint to resume from ({reasons}); move "
                              f"{self.checkpoints.root} away to start over")
-        error = None
-        if self.dist.is_main:
+
+        def set_aside_and_match():
             for folder, why in damaged:
                 moved = self.checkpoints.set_aside(folder)
                 print(f"warning: checkpoint {folder.name} is damaged ({why}): moved to {moved.name}; "
@@ -235,12 +235,10 @@ class Trainer:
             meta = CheckpointManager.read_meta(intact)
             if meta.get("config_hash") != self.run_hash:
                 diff = _diff(meta.get("config", {}), hashed_fields(self.config))
-                error = (f"{self.out_dir} holds a checkpoint of a different run (config hash "
-                         f"{meta.get('config_hash')} != {self.run_hash}{'; ' + diff if diff else ''}); "
-                         f"choose a new --out_dir")
-        error = distributed.broadcast_object(error)
-        if error:
-            raise TrainError(error)
+                raise TrainError(f"{self.out_dir} holds a checkpoint of a different run (config hash "
+                                 f"{meta.get('config_hash')} != {self.run_hash}{'; ' + diff if diff else ''}); "
+                                 f"choose a new --out_dir")
+        self._on_main("the checkpoints", self.checkpoints.root, set_aside_and_match)
         return str(intact)
 
     def _resume(self, folder: str) -> None:

@@ -42,7 +42,7 @@ from model.generate import Sampling  # noqa: E402
 from model.runner import Runner  # noqa: E402
 from train import distributed, runlock  # noqa: E402
 from train.config import _meta, at_least, choice, parse_args, positive, zero_or_at_least  # noqa: E402
-from train.errors import TrainError  # noqa: E402
+from train.errors import TrainError, writing  # noqa: E402
 from train.recipe import RecipeConfig, add_adapters, chat_template, load_model, loaders, token_files  # noqa: E402
 from train.trainer import Trainer, run_main  # noqa: E402
 
@@ -173,6 +173,7 @@ def run_stage0(cfg: TransLLMConfig) -> dict:
     from model import vocab
     from model.checkpoint import save
     model, tokenizer = load_model(dataclasses.replace(cfg, seq_len=2))  # no context check here
+    template_of(cfg, tokenizer)  # a bad --template stops the run here, before any stage works
     texts = _lines(cfg.target_text, 0)
     cut = max(1, len(texts) // 10)  # the last tenth is held out for the before/after token count
     train_texts = texts[:-cut][:cfg.vocab_lines] if cfg.vocab_lines else texts[:-cut]
@@ -353,7 +354,7 @@ def main(argv=None) -> dict:
     cfg = parse_args(TransLLMConfig, argv)
     stages = [0, 1, 2, 3] if cfg.stage == "all" else [int(cfg.stage)]
     results = {}
-    with distributed.session(cfg.device or None) as info:
+    with distributed.session(cfg.device or None) as info, writing("the TransLLM run", cfg.out_dir):
         runlock.hold(cfg.out_dir)
         for k in stages:
             if k == 0:
