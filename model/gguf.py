@@ -269,11 +269,17 @@ class GGUFFile:
         if name not in self.tensors:
             raise KeyError(f"{self.path}: no tensor named {name!r}")
         info = self.tensors[name]
-        if info.ggml_type not in _DEQUANT:
-            raise ValueError(f"{self.path}: tensor {name} has type {info.ggml_type}, which this reader "
-                             f"cannot dequantise (supported: {', '.join(_DEQUANT)})")
+        self.check_supported(info)
         raw = self._data[info.offset:info.offset + info.nbytes]
         return _DEQUANT[info.ggml_type](raw).reshape(info.shape)
+
+    def check_supported(self, *infos: TensorInfo) -> None:
+        """Refuse, in one line naming the file, tensor and type, the first of `infos` (default:
+        every tensor) that this reader cannot dequantise. Reads no tensor data."""
+        for info in infos or self.tensors.values():
+            if info.ggml_type not in _DEQUANT:
+                raise ValueError(f"{self.path}: tensor {info.name} has type {info.ggml_type}, which this reader "
+                                 f"cannot dequantise (supported: {', '.join(_DEQUANT)})")
 
     def __repr__(self) -> str:
         return f"GGUFFile({str(self.path)!r}, version={self.version}, {len(self.tensors)} tensors)"
@@ -693,15 +699,6 @@ def _rope_scaling_of_file(gguf: GGUFFile, head_dim: int, theta: float) -> dict |
     return llama3_scaling_from_rope_freqs(factors, head_dim, theta, gguf.metadata, str(gguf.path))
 
 
-def check_supported_types(gguf: GGUFFile) -> None:
-    """Refuse, in one line, a file with any tensor this reader cannot dequantise (before any
-    tensor data is read)."""
-    for info in gguf.tensors.values():
-        if info.ggml_type not in _DEQUANT:
-            raise ValueError(f"{gguf.path}: tensor {info.name} has type {info.ggml_type}, which this reader "
-                             f"cannot dequantise (supported: {', '.join(_DEQUANT)})")
-
-
 def llama_hf_config(source: GGUFFile | Mapping[str, Any], tensor_names: Iterable[str] | None = None) -> dict[str, Any]:
     """An HF config.json-style dict for LlamaForCausalLM from a llama GGUF's metadata.
 
@@ -716,7 +713,7 @@ def llama_hf_config(source: GGUFFile | Mapping[str, Any], tensor_names: Iterable
         metadata, names, where = source, set(tensor_names), "GGUF metadata"
     _require_llama(metadata, where)
     if isinstance(source, GGUFFile):
-        check_supported_types(source)  # the loader calls this first: refuse before any work
+        source.check_supported()  # the loader calls this first: refuse before any work
     get = lambda key: _required(metadata, "llama." + key, where)  # noqa: E731
 
     n_head = get("attention.head_count")
@@ -859,7 +856,7 @@ def iter_hf_tensors(gguf: GGUFFile) -> Iterator[tuple[str, torch.Tensor]]:
     one tensor; q_proj / k_proj rows are un-permuted back to HF's rotate-half layout.
     """
     _require_llama(gguf.metadata, str(gguf.path))
-    check_supported_types(gguf)
+    gguf.check_supported()
     n_head = _required(gguf.metadata, "llama.attention.head_count", str(gguf.path))
     # k is permuted with the kv head count: with grouped-query attention it has fewer heads.
     n_kv_head = gguf.metadata.get("llama.attention.head_count_kv", n_head)

@@ -14,8 +14,9 @@ Export direction (`gguf_tokenizer_metadata`), in the form llama.cpp's convert_hf
   remove_extra_whitespaces from its normalizer spec.
 
 Both: bos / eos / unknown / padding ids, add_bos_token (whether plain text starts with BOS;
-add_eos_token when it ends with EOS) and tokenizer.chat_template (the model's own Jinja string). A model whose embedding has more rows
-than the tokenizer has ids gets "[PAD<i>]" tokens of type unused, as llama.cpp's converter does.
+add_eos_token when it ends with EOS) and tokenizer.chat_template (the model's own Jinja string).
+A model whose embedding has more rows than the tokenizer has ids gets "[PAD<i>]" tokens of type
+unused, as llama.cpp's converter does.
 
 Import direction (`tokenizer_from_gguf`, at the end of this file): "gpt2" -> byte-level BPE with
 the pre-tokenizer named by tokenizer.ggml.pre; "llama" -> SentencePiece, the ModelProto rebuilt
