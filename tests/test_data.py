@@ -7,6 +7,7 @@ at the end, skipping with the reason when an asset or model.tokenizer is missing
 """
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -19,7 +20,7 @@ from data.loader import BatchLoader, PackedDataset
 from data.packing import IGNORE, block_arrays, block_bounds
 from data.prepare import PrepareConfig, prepare
 from data.readers import DataError, InstructionFields, read_conversations, read_texts
-from data.tokenfile import TokenFile, token_dtype, token_paths, tokenizer_identity, write_token_file
+from data.tokenfile import NoSamples, TokenFile, token_dtype, token_paths, tokenizer_identity, write_token_file
 from model import assets
 from model.chat import get_template
 from tests.conftest import need
@@ -367,6 +368,32 @@ def test_loader_reads_a_token_file(tmp_path):
     write_token_file(samples, tmp_path / "c/", vocab_size=5000, fmt="sft", progress=False)
     chat = PackedDataset(tmp_path / "c", 10)  # chat formats keep conversations whole
     assert chat.pack == "whole" and chat.bounds.tolist() == [0, 3, 12, 16]
+
+
+def test_loader_refuses_a_state_saved_over_other_data(tmp_path):
+    """A token file records its inputs by size and sha256; a loader over a file made from edited
+    data (same number of blocks) refuses the old cursor instead of resuming onto other samples."""
+    path = write(tmp_path, "d.txt", "\n".join(f"第{i}段文字，長一點的句子。" for i in range(12)))
+    cfg = PrepareConfig(inputs=[str(path)], out=str(tmp_path / "a"), format="orgcp")
+    meta = prepare(cfg, TOK, progress=False)
+    assert meta["sources"] == [{"path": str(path), "bytes": path.stat().st_size,
+                                "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}]
+    first = BatchLoader(PackedDataset(cfg.out, 8), 2)
+    first.next_batch()
+    state = first.state_dict()
+    path.write_text(path.read_text(encoding="utf-8").replace("第0段", "第9段"), encoding="utf-8")
+    prepare(PrepareConfig(inputs=[str(path)], out=str(tmp_path / "b"), format="orgcp"), TOK, progress=False)
+    edited = PackedDataset(tmp_path / "b", 8)
+    assert len(edited) == len(first.dataset)
+    with pytest.raises(ValueError, match="the training data changed since this state was saved"):
+        BatchLoader(edited, 2).load_state_dict(state)
+    BatchLoader(PackedDataset(cfg.out, 8), 2).load_state_dict(state)  # the same data resumes
+
+
+def test_empty_token_file_leaves_no_folder(tmp_path):
+    with pytest.raises(NoSamples, match="no samples to write"):
+        write_token_file([([], [])], tmp_path / "t/", vocab_size=5000, progress=False)
+    assert not (tmp_path / "t").exists()
 
 
 # ---------------------------------------------------------------- perplexity filter

@@ -25,6 +25,24 @@ from train.config import TrainConfig, _meta, at_least, choice, fraction, positiv
 from train.errors import TrainError, writing
 
 
+def _missing(paths: list[str]) -> str | None:
+    bad = [p for p in paths if not Path(p).is_file()]
+    return f"{bad[0]} is not a file" if bad else None
+
+
+def _unknown(names: list[str], known: list[str]) -> str | None:
+    bad = [n for n in names if n not in known]
+    return f"{bad[0]!r} is not one of {', '.join(known)}" if bad else None
+
+
+def _device(device: str) -> str | None:
+    if device not in ("", "cpu", "cuda"):
+        return "choose cpu or cuda (empty: cuda when present)"
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available to this process (torch.cuda.is_available() is False)"
+    return None
+
+
 @dataclass
 class RecipeConfig(TrainConfig):
     model: str = field(default="", metadata=_meta("HF folder or .gguf to start from (default: SmolLM2-135M-Instruct GGUF)"))
@@ -49,32 +67,14 @@ class RecipeConfig(TrainConfig):
 
     RULES = {
         "model": lambda v: None if not v or Path(v).exists() else "no such file or folder",
-        "data": lambda v: _missing(v), "eval_data": lambda v: _missing(v),
+        "data": _missing, "eval_data": _missing,
         "eval_split": zero_or_at_least(2, " (no eval)"), "text_field": lambda v: None if v else "must not be empty",
         "seq_len": at_least(2, " (a block holds tokens and their next-token targets)"),
         "micro_batch_size": at_least(1), "finetune": choice("lora", "full"), "lora_r": at_least(1),
         "lora_alpha": positive, "lora_dropout": fraction,
         "lora_targets": lambda v: _unknown(v, ALL_LINEAR) or (None if v else f"name at least one of {', '.join(ALL_LINEAR)}"),
-        "device": lambda v: _device(v),
+        "device": _device,
     }
-
-
-def _missing(paths: list[str]) -> str | None:
-    bad = [p for p in paths if not Path(p).is_file()]
-    return f"{bad[0]} is not a file" if bad else None
-
-
-def _unknown(names: list[str], known: list[str]) -> str | None:
-    bad = [n for n in names if n not in known]
-    return f"{bad[0]!r} is not one of {', '.join(known)}" if bad else None
-
-
-def _device(device: str) -> str | None:
-    if device not in ("", "cpu", "cuda"):
-        return "choose cpu or cuda (empty: cuda when present)"
-    if device == "cuda" and not torch.cuda.is_available():
-        return "no CUDA device is available to this process (torch.cuda.is_available() is False)"
-    return None
 
 
 def load_model(cfg: RecipeConfig):
