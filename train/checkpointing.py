@@ -352,6 +352,7 @@ def frozen_fingerprint(model: torch.nn.Module) -> str | None:
     plain one (one rank, or a module FSDP left unsharded) contributes its own, once. The digest
     covers every frozen name, shape and the moments, so a changed, swapped or resized tensor shows.
     """
+    distributed.reshard(model)  # an unsharded bf16 compute copy would give other bits
     frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
     if not frozen:
         return None

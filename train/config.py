@@ -88,7 +88,8 @@ class TrainConfig:
     lr: float = field(default=2e-4, metadata=_meta("peak learning rate"))
     min_lr: float = field(default=0.0, metadata=_meta("learning rate at the end of the cosine decay"))
     warmup_steps: int | None = field(default=None, metadata=_meta(
-        "linear warm-up steps from 0 to lr (default: the recipe's, at most the run's steps)"))
+        "linear warm-up steps from 0 to lr (default: DEFAULT_WARMUP of the recipe, 3 for train/inscp.py and "
+        "0 elsewhere, capped at the run's steps)"))
     weight_decay: float = field(default=0.0, metadata=_meta("AdamW decoupled weight decay (matrices only)"))
     beta1: float = field(default=0.9, metadata=_meta("AdamW beta1"))
     beta2: float = field(default=0.999, metadata=_meta("AdamW beta2"))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from train.errors import TrainError
 
@@ -94,6 +95,15 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a sharded DTensor (a collective), or t itself when it is a plain
     tensor (a one-rank run is not sharded, see train/trainer.shard_model)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def reshard(module: torch.nn.Module) -> None:
+    """Put every FSDP2-managed parameter of module back in its sharded layout: a no-op where it
+    already is or where nothing is wrapped. (A forward without backward, e.g. an eval pass,
+    leaves the root's parameters unsharded: full tensors, in the compute dtype.)"""
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def barrier() -> None:

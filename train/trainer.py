@@ -110,14 +110,6 @@ def shard_model(module: nn.Module, blocks: nn.ModuleList, device: torch.device, 
     return module
 
 
-def reshard(module: nn.Module) -> None:
-    """Put every FSDP2-managed parameter back in its sharded layout (a no-op where it already is,
-    or where the module is not wrapped)."""
-    for m in module.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
-
-
 class Trainer:
     """Train `model` (a Llama, optionally with LoRA) on batches from `train_loader`.
 
@@ -340,7 +332,7 @@ class Trainer:
         # A forward without backward leaves FSDP2's root unsharded (it reshards in post-backward):
         # reshard, so that nothing after an eval (a checkpoint, its fingerprint, memory) sees the
         # parameters in another layout than after a training step.
-        reshard(self.model)
+        distributed.reshard(self.model)
         self.model.train()
         self.eval_loader.load_state_dict(saved)
         return float(totals[0] / totals[1].clamp(min=1))
