@@ -104,14 +104,19 @@ def ask(runner, prompts: list[str], desc: str) -> tuple[list[str], list[bool] | 
 def evaluate(runner, sets: list[str] = ("en", "th", "zh-Hant"), limit: int | None = 50,
              split: str = "data") -> dict:
     """runner: an eval.common.ChatRunner (or anything with .answer). -> {set name:
-    score_alignment(...) + "examples": [{"prompt", "answer", "label", "stopped"}]}."""
-    results = {}
+    score_alignment(...) + "examples": [{"prompt", "answer", "label", "stopped"}]}.
+
+    Every set's prompts go to the runner in one call, so its batches are full across sets."""
+    prompts = {name: load_prompts(name, limit, split) for name in sets}
+    flat = [p for name in sets for p in prompts[name]]
+    answers, stopped = ask(runner, flat, "alignment " + ",".join(sets))
+    results, start = {}, 0
     for name in sets:
-        expected = PROMPT_SETS[name][0]
-        prompts = load_prompts(name, limit, split)
-        answers, stopped = ask(runner, prompts, f"alignment {name}")
-        scored = score_alignment(prompts, answers, expected, stopped)
+        end = start + len(prompts[name])
+        part = None if stopped is None else stopped[start:end]
+        scored = score_alignment(prompts[name], answers[start:end], PROMPT_SETS[name][0], part)
         results[name] = {**scored, "examples": [
-            {"prompt": p, "answer": a, "label": label, "stopped": None if stopped is None else stopped[i]}
-            for i, (p, a, label) in enumerate(zip(prompts, answers, scored["langs"]))]}
+            {"prompt": p, "answer": a, "label": label, "stopped": None if part is None else part[i]}
+            for i, (p, a, label) in enumerate(zip(prompts[name], answers[start:end], scored["langs"]))]}
+        start = end
     return results

@@ -9,7 +9,10 @@ default system prompt is kept, so the model sees what a chat would show it. Only
 tokens and its end-of-turn token are scored: the template's loss mask (model.chat
 render_with_mask), the same tokens supervised fine-tuning trains. Nothing is generated, so there
 is no decoding noise: at 135M parameters, where generated answers are mostly echoes, this number
-still moves when training teaches the model a language. Lower is better; compare models only on
+still moves when training teaches the model a language. `eot_nll` is the NLL of the template's
+end-of-turn token right after each complete reference answer: a model that has stopped ending its
+turns (a known cost of continual pre-training) shows it here without generating anything. Lower
+is better for both; compare models only on
 the same items (the items are chosen from the data by characters, never by tokens, so a model with
 an extended vocabulary is scored on the same items). Per token, so it is comparable between
 models with the same tokenizer only (a vocabulary extension changes what one token is).
@@ -27,8 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from eval.common import data_file, max_len_of, read_jsonl
-from eval.perplexity import mean_nll
+from eval.common import data_file, max_len_of, read_jsonl, token_logprobs
 
 
 @dataclass(frozen=True)
@@ -109,12 +111,19 @@ def answer_ids(template, prompt: str, answer: str) -> tuple[list[int], list[bool
     """(ids, scored) of [user: prompt, assistant: answer] in the template, with its default system
     prompt; scored marks the answer's tokens and its end-of-turn token."""
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-    return template.render_with_mask(messages, add_generation_prompt=False)
+    ids, scored = template.render_with_mask(messages, add_generation_prompt=False)
+    last = max(i for i, s in enumerate(scored) if s)
+    if ids[last] not in template.stop_ids:  # eot_nll reads the last scored token as the end of turn
+        raise ValueError(f"{template.name} template: the answer's loss mask ends in token {ids[last]}, "
+                         f"not an end-of-turn id {template.stop_ids}")
+    return ids, scored
 
 
 def answer_nll(model, template, pairs: list[tuple[str, str]], batch_size: int = 8,
                desc: str | None = "answer nll") -> dict:
-    """Mean NLL per answer token of the pairs. -> {"answer_nll", "tokens", "n", "truncated"}."""
+    """Mean NLL per answer token of the pairs, and mean NLL of the end-of-turn token after each
+    answer (is the model ready to stop when the answer is complete?).
+    -> {"answer_nll", "eot_nll", "tokens", "n", "truncated"}."""
     if not pairs:
         raise ValueError("no (prompt, answer) pairs to score")
     limit = max_len_of(model)
@@ -125,8 +134,11 @@ def answer_nll(model, template, pairs: list[tuple[str, str]], batch_size: int = 
             ids, scored, truncated = ids[-limit:], scored[-limit:], truncated + 1
         seqs.append(ids)
         targets.append(scored)
-    got = mean_nll(model, seqs, targets, batch_size=batch_size, desc=desc)
-    return {"answer_nll": got["nll"], "tokens": got["tokens"], "n": len(pairs), "truncated": truncated}
+    scored = token_logprobs(model, seqs, targets, batch_size=batch_size, desc=desc)
+    tokens = sum(len(lps) for lps in scored)
+    # the last scored token of every item is the template's end-of-turn token (its loss mask ends there)
+    return {"answer_nll": -sum(map(sum, scored)) / tokens, "eot_nll": -sum(lps[-1] for lps in scored) / len(scored),
+            "tokens": tokens, "n": len(pairs), "truncated": truncated}
 
 
 def evaluate(model, template, sets: list[str] | None = None, limit: int | None = 50, max_chars: int | None = None,

@@ -97,7 +97,6 @@ def _right_padded_batches(sequences: list[list[int]], batch_size: int, pad_id: i
         yield batch, tokens
 
 
-@torch.inference_mode()
 def score_tokens(model, sequences: list[list[int]], targets: list[list[bool]], batch_size: int = 8,
                  pad_id: int = 0, desc: str | None = None) -> list[tuple[float, int]]:
     """Sum of log p(token_t | tokens_<t) over the positions t where targets[i][t] is True.
@@ -105,13 +104,24 @@ def score_tokens(model, sequences: list[list[int]], targets: list[list[bool]], b
     sequences[i]: token ids; targets[i]: bool per token, same length (position 0 has no context
     and is never scored). Returns one (sum log-prob, number of scored tokens) per sequence.
     """
+    return [(sum(lps), len(lps)) for lps in token_logprobs(model, sequences, targets, batch_size, pad_id, desc)]
+
+
+@torch.inference_mode()
+def token_logprobs(model, sequences: list[list[int]], targets: list[list[bool]], batch_size: int = 8,
+                   pad_id: int = 0, desc: str | None = None) -> list[list[float]]:
+    """log p(token_t | tokens_<t) at every position t where targets[i][t] is True, in order.
+
+    sequences[i]: token ids; targets[i]: bool per token, same length (position 0 has no context
+    and is never scored). -> [N][scored positions of sequence i].
+    """
     if len(sequences) != len(targets):
         raise ValueError(f"{len(sequences)} sequences but {len(targets)} target masks")
     for i, (seq, tgt) in enumerate(zip(sequences, targets)):
         if len(seq) != len(tgt):
             raise ValueError(f"sequence {i}: {len(seq)} tokens but {len(tgt)} target flags")
     device = _device(model)
-    results: list[tuple[float, int] | None] = [None] * len(sequences)
+    results: list[list[float] | None] = [None] * len(sequences)
     for batch, tokens in _right_padded_batches(sequences, batch_size, pad_id, desc):
         mask = torch.zeros(tokens.shape, dtype=torch.bool)
         for row, i in enumerate(batch):
@@ -121,10 +131,8 @@ def score_tokens(model, sequences: list[list[int]], targets: list[list[bool]], b
         logp = torch.log_softmax(logits, dim=-1)
         picked = logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # [B,T-1]
         scored = mask[:, 1:].to(device)
-        sums = (picked * scored).sum(-1).tolist()
-        counts = scored.sum(-1).tolist()
         for row, i in enumerate(batch):
-            results[i] = (sums[row], int(counts[row]))
+            results[i] = picked[row][scored[row]].tolist()
     return results  # type: ignore[return-value]
 
 

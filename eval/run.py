@@ -33,6 +33,7 @@ import gc
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -314,7 +315,11 @@ def main(argv=None) -> dict:
     from model.checkpoint import load
     out = Path(args.out)
     internal = {"suites", "explicit", "nll_set_list"}
+    if args.suites == ["quick"]:  # the quick suite's own sizes, not eval.run's defaults it ignores
+        internal |= set(DEFAULTS) - args.explicit
     results = {"config": {k: v for k, v in vars(args).items() if k not in internal}, "models": {}}
+    if "quick" in args.suites:
+        results["config"]["quick_sizes"] = asdict(quick_sizes(args))
     for path, name in zip(args.model, model_names(args.model, args.name)):
         print(f"loading {name} from {path}")
         model, tokenizer = load(path, dtype=getattr(torch, args.dtype), device=args.device)

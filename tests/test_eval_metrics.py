@@ -167,7 +167,7 @@ def test_answer_nll_equals_the_hand_computed_value():
     template = Llama2Template(tok)
     pairs = [("What is red?", "A ball."), ("Where did Lily play?", "In the park, all day long."), ("x", "y")]
     got = answer_nll.answer_nll(model, template, pairs, batch_size=2, desc=None)   # padding in a batch
-    nlls = []
+    nlls, eot = [], []
     for prompt, answer in pairs:
         # llama2 without a system prompt: <s>[INST] {prompt} [/INST] {answer} </s>; the answer
         # tokens are ' {answer} ' and EOS, written out here without the template code
@@ -177,8 +177,10 @@ def test_answer_nll_equals_the_hand_computed_value():
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([ids]))[0].double(), -1)
         nlls += [-logp[t - 1, ids[t]].item() for t in range(len(context), len(ids))]
+        eot.append(-logp[-2, 2].item())                        # EOS after the whole answer
     assert got["tokens"] == len(nlls) and got["n"] == 3
     assert got["answer_nll"] == pytest.approx(sum(nlls) / len(nlls), rel=1e-5)
+    assert got["eot_nll"] == pytest.approx(sum(eot) / len(eot), rel=1e-5)
 
 
 def test_answer_nll_sets_pick_the_same_items_by_characters():
@@ -257,6 +259,7 @@ def test_quick_report_and_compare_write_a_before_after_report(tmp_path):
     assert saved["models"]["before"]["answer_nll"]["alpaca-en"]["answer_nll"] == pytest.approx(
         before["answer_nll"]["alpaca-en"]["answer_nll"])
     assert {p.name for p in (tmp_path / "run").glob("chart_*.svg")} == {"chart_rate.svg", "chart_nll.svg"}
+    assert "| answer_nll/drcd-zh-Hant/eot_nll |" in md
     for name in ("chart_rate.svg", "chart_nll.svg"):
         ET.parse(tmp_path / "run" / name)
         assert f"]({name})" in md
