@@ -17,12 +17,13 @@ import warnings
 
 import torch
 
+from kernels import attention as _attention
 from kernels import cross_entropy as _cross_entropy
 from kernels import flash_attention as _flash_attention
 from kernels import rmsnorm as _rmsnorm
 from kernels import rope as _rope
 from kernels import swiglu as _swiglu
-from kernels.cross_entropy import linear_cross_entropy_reference
+from kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy_reference  # noqa: F401  (IGNORE_INDEX: the one -100)
 from kernels.flash_attention import attention_reference  # noqa: F401  (the eager attention path)
 from kernels.rmsnorm import rms_norm_reference
 from kernels.rope import apply_rope_reference
@@ -111,8 +112,23 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     return attention_reference(q, k, v, causal=causal)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor | None = None,
+              key_mask: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
+    """GQA attention with packed documents and key padding: q[B,Hq,T,hd], k/v[B,Hkv,S,hd] -> [B,Hq,T,hd].
+
+    segments[B,T] int (training, T == S): document ids; a token attends only to (earlier, if
+    causal) tokens of its own document, a run of equal ids. key_mask[B,S] bool: False = padded
+    key. Query t is the last T of S positions (T < S: decoding with a cache). A query with no
+    visible key gets zeros. Triton: the flash kernel with both masks (skipping key blocks of
+    other documents); torch: SDPA or FlexAttention, see kernels/attention.py.
+    """
+    if use_triton(q):
+        return _flash_attention.flash_attention_triton(q, k, v, causal=causal, segments=segments, key_mask=key_mask)
+    return _attention.attention_torch(q, k, v, segments, key_mask, causal)
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int = -100, chunk_size: int = 4096) -> torch.Tensor:
+                         ignore_index: int = IGNORE_INDEX, chunk_size: int = 4096) -> torch.Tensor:
     """hidden[N,D], weight[V,D], targets[N] -> mean CE over tokens whose target != ignore_index."""
     if use_triton(hidden):
         return _cross_entropy.linear_cross_entropy_triton(hidden, weight, targets, ignore_index, chunk_size)

@@ -75,10 +75,44 @@ def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, n
     tl.store(DW_PART + pid.to(tl.int64) * D + cols, dw, mask=mask)
 
 
+MAX_DIM = 8192  # one block holds a whole row; 16384 spilled registers in backward (tests/test_kernels_compile.py)
+
+
 def _launch_config(D: int):
+    """(BLOCK_D, num_warps) for rows of D elements: one block holds a whole row."""
     block = triton.next_power_of_2(D)
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
     return block, warps
+
+
+def _forward(x2: torch.Tensor, weight: torch.Tensor, eps: float):
+    """Launch the forward kernel on rows x2[n, D]: -> (y [n, D], rstd fp32 [n])."""
+    n, D = x2.shape
+    y = torch.empty((n, D), dtype=torch.promote_types(x2.dtype, weight.dtype), device=x2.device)
+    rstd = torch.empty(n, dtype=torch.float32, device=x2.device)
+    block, warps = _launch_config(D)
+    if n:
+        _rms_norm_fwd[(n,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), D, eps, BLOCK_D=block, num_warps=warps)
+    return y, rstd
+
+
+def _backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
+    """Launch the backward kernel: -> (dx [n, D], dw fp32 [D])."""
+    n, D = x2.shape
+    dx = torch.empty_like(x2)
+    if x2.is_cuda:
+        programs = min(n, 4 * torch.cuda.get_device_properties(x2.device).multi_processor_count)
+    else:
+        programs = min(n, 4)
+    programs = max(programs, 1)
+    rows_per_program = triton.cdiv(n, programs)
+    programs = triton.cdiv(n, rows_per_program) if n else 1
+    dw_part = torch.zeros((programs, D), dtype=torch.float32, device=x2.device)
+    block, warps = _launch_config(D)
+    if n:
+        _rms_norm_bwd[(programs,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0),
+                                   dx.stride(0), n, D, rows_per_program, BLOCK_D=block, num_warps=warps)
+    return dx, dw_part.sum(0)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -90,17 +124,13 @@ class RMSNormFunction(torch.autograd.Function):
         D = x.shape[-1]
         if weight.shape != (D,):
             raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match x[..., {D}]")
+        if D > MAX_DIM:
+            raise ValueError(f"rms_norm: rows of {D} > {MAX_DIM} elements have no checked Triton config "
+                             "(use the torch path: LANGSHIFT_KERNELS=torch)")
         x2 = x.reshape(-1, D)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        n = x2.shape[0]
-        out_dtype = torch.promote_types(x.dtype, weight.dtype)
-        y = torch.empty((n, D), dtype=out_dtype, device=x.device)
-        rstd = torch.empty(n, dtype=torch.float32, device=x.device)
-        block, warps = _launch_config(D)
-        if n:
-            _rms_norm_fwd[(n,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), D, eps,
-                                BLOCK_D=block, num_warps=warps)
+        y, rstd = _forward(x2, weight, eps)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape = x.shape
         return y.view(x.shape)
@@ -108,26 +138,11 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x2, weight, rstd = ctx.saved_tensors
-        D = x2.shape[1]
-        n = x2.shape[0]
-        dy2 = dy.reshape(-1, D)
+        dy2 = dy.reshape(-1, x2.shape[1])
         if dy2.stride(-1) != 1:
             dy2 = dy2.contiguous()
-        dx = torch.empty_like(x2)
-        if x2.is_cuda:
-            programs = min(n, 4 * torch.cuda.get_device_properties(x2.device).multi_processor_count)
-        else:
-            programs = min(n, 4)
-        programs = max(programs, 1)
-        rows_per_program = triton.cdiv(n, programs)
-        programs = triton.cdiv(n, rows_per_program) if n else 1
-        dw_part = torch.zeros((programs, D), dtype=torch.float32, device=x2.device)
-        block, warps = _launch_config(D)
-        if n:
-            _rms_norm_bwd[(programs,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0),
-                                       dx.stride(0), n, D, rows_per_program, BLOCK_D=block, num_warps=warps)
-        dw = dw_part.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return dx.view(ctx.x_shape), dw, None
+        dx, dw = _backward(dy2, x2, weight, rstd)
+        return dx.view(ctx.x_shape), dw.to(weight.dtype) if ctx.needs_input_grad[1] else None, None
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

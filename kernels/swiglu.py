@@ -45,6 +45,24 @@ def _swiglu_bwd(DOUT, G, U, DG, DU, n, BLOCK: tl.constexpr):
     tl.store(DG + offs, (dout * u * s * (1.0 + g * (1.0 - s))).to(DG.dtype.element_ty), mask=mask)
 
 
+def _forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Launch the forward kernel on contiguous gate/up: -> silu(gate) * up."""
+    out = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
+    n = gate.numel()
+    if n:
+        _swiglu_fwd[(triton.cdiv(n, _BLOCK),)](gate, up, out, n, BLOCK=_BLOCK, num_warps=4)
+    return out
+
+
+def _backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
+    """Launch the backward kernel on contiguous tensors: -> (dgate, dup)."""
+    dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+    n = gate.numel()
+    if n:
+        _swiglu_bwd[(triton.cdiv(n, _BLOCK),)](dout, gate, up, dgate, dup, n, BLOCK=_BLOCK, num_warps=4)
+    return dgate, dup
+
+
 class SwiGLUFunction(torch.autograd.Function):
     """Triton silu(gate) * up with gradients for gate and up."""
 
@@ -54,22 +72,13 @@ class SwiGLUFunction(torch.autograd.Function):
         if gate.shape != up.shape:
             raise ValueError(f"swiglu: gate shape {tuple(gate.shape)} != up shape {tuple(up.shape)}")
         gate_c, up_c = gate.contiguous(), up.contiguous()
-        out = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
-        n = gate_c.numel()
-        if n:
-            _swiglu_fwd[(triton.cdiv(n, _BLOCK),)](gate_c, up_c, out, n, BLOCK=_BLOCK, num_warps=4)
         ctx.save_for_backward(gate_c, up_c)
-        return out
+        return _forward(gate_c, up_c)
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
         gate, up = ctx.saved_tensors
-        dout = dout.contiguous()
-        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
-        n = gate.numel()
-        if n:
-            _swiglu_bwd[(triton.cdiv(n, _BLOCK),)](dout, gate, up, dgate, dup, n, BLOCK=_BLOCK, num_warps=4)
-        return dgate, dup
+        return _backward(dout.contiguous(), gate, up)
 
 
 def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

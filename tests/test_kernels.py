@@ -26,16 +26,11 @@ import pytest
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# On CPU the kernels run through triton's interpreter, which triton selects when a @triton.jit
-# function is *defined* -- its own library functions (tl.sum, tl.sigmoid...) included, at
-# `import triton`. So TRITON_INTERPRET=1 must be set before triton is first imported. When this
-# module is collected after another test module already imported the model (hence kernels and
-# triton, compiled mode), that is too late for this process: the tests then run in a fresh
-# interpreter, through test_in_fresh_interpreter below.
-IN_PROCESS = (DEVICE == "cuda" or "triton" not in sys.modules
-              or os.environ.get("TRITON_INTERPRET") == "1")
-if DEVICE == "cpu" and IN_PROCESS:
-    os.environ["TRITON_INTERPRET"] = "1"
+# On CPU the kernels run through triton's interpreter: tests/conftest.py sets TRITON_INTERPRET=1
+# before anything imports triton.
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    raise RuntimeError("tests/test_kernels.py on CPU needs TRITON_INTERPRET=1 set before triton is imported "
+                       "(tests/conftest.py does it; run the tests through pytest)")
 
 pytest.importorskip("triton", reason="triton not installed (pip install -e .[triton]): Triton kernels untested")
 
@@ -51,25 +46,6 @@ from model.llama import Llama  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-@pytest.fixture(autouse=True)
-def _in_process_only(request):
-    if not IN_PROCESS and request.node.originalname != "test_in_fresh_interpreter":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set: "
-                    "run by test_in_fresh_interpreter in a fresh process")
-
-
-def test_in_fresh_interpreter():
-    """Runs this file in a new process with TRITON_INTERPRET=1 set before triton is imported."""
-    if IN_PROCESS:
-        pytest.skip("the kernel tests run in this process")
-    import subprocess
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -175,6 +151,15 @@ def test_rmsnorm(dtype):
     results = run_both(lambda x, w: rmsnorm.rms_norm_reference(x, w, 1e-6),
                        lambda x, w: rmsnorm.rms_norm_triton(x, w, 1e-6), [x, w])
     assert_close_all(*results, TOL[dtype], ["x", "weight"])
+
+
+def test_shapes_without_a_checked_gpu_config_are_refused():
+    """Widths past what tests/test_kernels_compile.py checks fail in one line instead of spilling."""
+    with pytest.raises(ValueError, match="rms_norm: rows of 8200 > 8192"):
+        rmsnorm.rms_norm_triton(randn(2, 8200), randn(8200), 1e-6)
+    q = randn(1, 2, 4, 192)
+    with pytest.raises(ValueError, match="head dim 192 > 128"):
+        flash.flash_attention_triton(q, q, q)
 
 
 def test_rmsnorm_non_contiguous_input():
