@@ -6,9 +6,13 @@
 The model is loaded once by us (GGUF or HF folder), written as an HF folder, and each side loads
 that folder. Each side runs in its own child process so that its peak memory is its own, measured from after
 loading to the end of generation: on CUDA torch.cuda.max_memory_allocated, on CPU the peak
-resident set size of the process (weights and the Python runtime included). Greedy decoding with no stop token, so both sides produce exactly
-batch x new_tokens tokens; the script checks that both produced the same tokens.
-This is a benchmark, not a test: it prints numbers, it asserts nothing about speed.
+resident set size of the process (weights and the Python runtime included).
+
+Both sides run pure argmax for exactly new_tokens steps: ours with no stop ids, transformers with
+eos_token_id=None (no EOS stopping criterion) and no min_new_tokens (which would mask EOS out of
+the argmax, so a row whose argmax is EOS would continue differently). The script then checks that
+both produced the same tokens, and exits 1 naming the first differing row and step if not. It
+asserts nothing about speed.
 """
 from __future__ import annotations
 
@@ -72,10 +76,14 @@ def side_main(args) -> dict:
         ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts], device=args.device)
         mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=args.device)
 
+        model.generation_config.eos_token_id = None  # never stop early (the loaded folder names EOS)
+
         def hf_generate():
             with torch.inference_mode():
                 full = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,
-                                      min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=pad)
+                                      do_sample=False, eos_token_id=None, pad_token_id=pad)
+            if full.shape[1] != P + args.new_tokens:
+                raise SystemExit(f"transformers stopped after {full.shape[1] - P} of {args.new_tokens} tokens")
             return full[:, P:].tolist()
         reset_peak_memory(args.device)
         seconds, out = best_time(hf_generate, args.repeats, args.device)
@@ -94,7 +102,7 @@ def main(argv=None):
              "--device", args.device, "--dtype", args.dtype]
     with hf_copy(source) as folder:
         results = {side: run_side(__file__, side, folder, flags) for side in ("ours", "transformers")}
-    same = results["ours"]["out"] == results["transformers"]["out"]
+    diff = first_difference(results["ours"]["out"], results["transformers"]["out"])
     print(f"model {source}\ndevice {args.device}, {args.dtype}, batch {args.batch}, {args.new_tokens} new tokens, "
           f"best of {args.repeats}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'side':<14}{'tokens/s':>10}{'seconds':>10}{'peak MiB':>10}")
@@ -102,7 +110,21 @@ def main(argv=None):
         print(f"{side:<14}{r['tokens'] / r['seconds']:>10.1f}{r['seconds']:>10.2f}{r['peak_mib']:>10.0f}")
     ours, theirs = results["ours"], results["transformers"]
     print(f"speed ratio ours/transformers: {theirs['seconds'] / ours['seconds']:.2f}x; "
-          f"memory ratio: {ours['peak_mib'] / theirs['peak_mib']:.2f}; same tokens: {same}")
+          f"memory ratio: {ours['peak_mib'] / theirs['peak_mib']:.2f}; same tokens: {diff is None}")
+    if diff is not None:
+        row, step, a, b = diff
+        sys.exit(f"tokens differ: row {row}, step {step}: ours {a}, transformers {b}")
+
+
+def first_difference(ours: list[list[int]], theirs: list[list[int]]):
+    """(row, step, our id, their id) of the first differing token, or None when all are equal."""
+    for row, (a, b) in enumerate(zip(ours, theirs)):
+        for step, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return row, step, x, y
+        if len(a) != len(b):
+            return row, min(len(a), len(b)), None, None
+    return None
 
 
 if __name__ == "__main__":

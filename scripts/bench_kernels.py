@@ -1,11 +1,15 @@
 """Benchmark the Triton kernels against the plain-PyTorch references and torch.compile of them.
 
 GPU mode (default; needs CUDA):
-    python scripts/bench_kernels.py [--ops rmsnorm,rope,swiglu,cross_entropy,flash_attention]
+    python scripts/bench_kernels.py [--ops rmsnorm,rope,swiglu,cross_entropy,flash_attention,packed_attention]
 For each op and each implementation (triton | torch reference | torch.compile(reference)) it
 prints forward time, forward+backward time, peak extra CUDA memory of forward+backward, and the
-achieved bandwidth = (minimum bytes the op must move) / time. Attention and the fused linear
-cross-entropy are compute-bound, so they also get TFLOP/s. Shapes are LLaMA-3-8B-like, bf16.
+achieved bandwidth = (minimum bytes the op must move) / time, also as a share of the device's
+copy bandwidth measured first (a 1 GiB device-to-device copy: bytes read + written / time), the
+ceiling of a memory-bound op. Attention and the fused linear cross-entropy are compute-bound, so
+they also get TFLOP/s. Attention is also run through SDPA forced to its flash backend, and
+packed documents (segments) through kernels.attention's Triton kernel versus FlexAttention
+(compiled) and SDPA with a dense mask. Shapes are LLaMA-3-8B-like, bf16.
 Without CUDA it says so and exits 0.
 
 CPU memory mode:
@@ -133,13 +137,46 @@ def cases(ops):
             flops = 4 * B * H * T * T * hd // 2  # two matmuls, causal half
             ref = lambda q, k, v: kernels.attention_reference(q, k, v, causal=True)  # noqa: E731
             fns = impls(ref, lambda q, k, v: flash_attention.flash_attention_triton(q, k, v, causal=True))
-            fns["sdpa"] = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, is_causal=True, enable_gqa=True)
+            fns["sdpa (flash backend)"] = _sdpa_flash
             yield (f"flash_attention B={B} Hq={H} Hkv={K} T={T} hd={hd} causal",
                    lambda H=H, K=K, hd=hd: (torch.randn(B, H, T, hd, device=dev, dtype=bf16, requires_grad=True),
                                             torch.randn(B, K, T, hd, device=dev, dtype=bf16, requires_grad=True),
                                             torch.randn(B, K, T, hd, device=dev, dtype=bf16, requires_grad=True)),
                    fns, (2 * qo + 2 * kv) * e, (2 * qo + 2 * kv + 2 * qo + 2 * kv) * e, flops, flops * 7 // 2)
+
+
+    if "packed_attention" in ops:
+        # Packed training blocks: documents of 256..1024 tokens filling T=4096 (fixed seed).
+        B, H, K, T, hd = 2, 32, 8, 4096, 128
+        gen = torch.Generator().manual_seed(0)
+        lengths = torch.randint(256, 1025, (B, T // 256), generator=gen)
+        segments = torch.stack([torch.repeat_interleave(torch.arange(len(row)), row)[:T] for row in lengths]).to(dev)
+        attention = importlib.import_module("kernels.attention")
+        seen = int(attention.dense_mask(T, T, True, segments, None, dev).sum())  # visible (query, key) pairs
+        flops = 4 * H * seen * hd
+        qo, kv = B * H * T * hd, B * K * T * hd
+        fns = {"triton": lambda q, k, v: flash_attention.flash_attention_triton(q, k, v, causal=True,
+                                                                               segments=segments),
+               "flex (compiled)": lambda q, k, v: attention.flex_attention(q, k, v, segments, None, True),
+               "sdpa (dense mask)": lambda q, k, v: attention.sdpa_attention(q, k, v, segments, None, True)}
+        yield (f"packed documents B={B} Hq={H} Hkv={K} T={T} hd={hd}, docs 256-1024",
+               lambda: tuple(torch.randn(B, h, T, hd, device=dev, dtype=bf16, requires_grad=True) for h in (H, K, K)),
+               fns, (2 * qo + 2 * kv) * e, (4 * qo + 4 * kv) * e, flops, flops * 7 // 2)
+
+
+def _sdpa_flash(q, k, v):
+    """PyTorch's SDPA restricted to its FlashAttention backend (raises if it cannot run)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy of 1 GiB: (bytes read + written) / time, in GB/s."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = cuda_time_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() / ms / 1e6
 
 
 def _rope_tables(B, T, hd, dev, dtype):
@@ -150,9 +187,13 @@ def _rope_tables(B, T, hd, dev, dtype):
 
 
 def bench_gpu(ops) -> None:
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    print("| op | impl | fwd ms | fwd+bwd ms | peak extra MiB (fwd+bwd) | fwd GB/s | fwd+bwd GB/s | fwd+bwd TFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    import triton
+    copy = copy_bandwidth_gbs()
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
+          f"copy bandwidth {copy:.0f} GB/s")
+    print("| op | impl | fwd ms | fwd+bwd ms | peak extra MiB (fwd+bwd) | fwd GB/s | fwd+bwd GB/s | "
+          "fwd+bwd % of copy | fwd+bwd TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, make, fns, fwd_bytes, fb_bytes, fwd_flops, fb_flops in cases(ops):
         for impl, fn in fns.items():
             inputs = make()
@@ -172,12 +213,13 @@ def bench_gpu(ops) -> None:
                 t_f, t_fb = cuda_time_ms(fwd), cuda_time_ms(fwd_bwd)
                 peak = peak_extra_bytes(fwd_bwd)
             except Exception as err:  # e.g. out of memory for the materialised path
-                print(f"| {name} | {impl} | failed: {type(err).__name__}: {str(err)[:80]} |||||||")
+                print(f"| {name} | {impl} | failed: {type(err).__name__}: {str(err)[:80]} ||||||||")
                 torch.cuda.empty_cache()
                 continue
             tflops = f"{fb_flops / t_fb / 1e9:.1f}" if fb_flops else "-"
             print(f"| {name} | {impl} | {t_f:.3f} | {t_fb:.3f} | {peak / 2**20:.0f} | "
-                  f"{fwd_bytes / t_f / 1e6:.0f} | {fb_bytes / t_fb / 1e6:.0f} | {tflops} |", flush=True)
+                  f"{fwd_bytes / t_f / 1e6:.0f} | {fb_bytes / t_fb / 1e6:.0f} | {100 * fb_bytes / t_fb / 1e6 / copy:.0f}% | "
+                  f"{tflops} |", flush=True)
             del inputs
             torch.cuda.empty_cache()
 
@@ -240,7 +282,7 @@ def bench_cpu_memory(tokens: int, vocab: int, dim: int, chunks, max_gib: float) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ops", default="rmsnorm,rope,swiglu,cross_entropy,flash_attention")
+    parser.add_argument("--ops", default="rmsnorm,rope,swiglu,cross_entropy,flash_attention,packed_attention")
     parser.add_argument("--cpu-memory", action="store_true", help="CE memory on CPU, chunked vs materialised")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--vocab", type=int, default=128256)
