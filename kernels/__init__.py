@@ -17,13 +17,14 @@ import warnings
 
 import torch
 
-from kernels import attention as _attention
+from kernels import torch_attention as _torch_attention
 from kernels import cross_entropy as _cross_entropy
 from kernels import flash_attention as _flash_attention
 from kernels import rmsnorm as _rmsnorm
 from kernels import rope as _rope
 from kernels import swiglu as _swiglu
-from kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy_reference  # noqa: F401  (IGNORE_INDEX: the one -100)
+# IGNORE_INDEX: the one definition of the no-loss target (-100) for data/ and train/ too.
+from kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy_reference  # noqa: F401
 from kernels.flash_attention import attention_reference  # noqa: F401  (the eager attention path)
 from kernels.rmsnorm import rms_norm_reference
 from kernels.rope import apply_rope_reference
@@ -120,11 +121,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch
     causal) tokens of its own document, a run of equal ids. key_mask[B,S] bool: False = padded
     key. Query t is the last T of S positions (T < S: decoding with a cache). A query with no
     visible key gets zeros. Triton: the flash kernel with both masks (skipping key blocks of
-    other documents); torch: SDPA or FlexAttention, see kernels/attention.py.
+    other documents); torch: SDPA or FlexAttention, see kernels/torch_attention.py.
     """
     if use_triton(q):
         return _flash_attention.flash_attention_triton(q, k, v, causal=causal, segments=segments, key_mask=key_mask)
-    return _attention.attention_torch(q, k, v, segments, key_mask, causal)
+    return _torch_attention.attention_torch(q, k, v, segments, key_mask, causal)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

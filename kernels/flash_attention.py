@@ -21,7 +21,7 @@ Causal convention: query t of T (the last T of S positions) sees keys 0..S-T+t, 
 ordinary causal training and T < S is decoding with a cache. T > S with causal=True would leave
 queries with no key at all and is refused by the Triton path.
 Packed documents (segments, T == S): the kernels get each token's document run [lo, hi) (see
-kernels/attention.py) and mask keys outside it. Because documents are contiguous runs, a query
+kernels/torch_attention.py) and mask keys outside it. Because documents are contiguous runs, a query
 block needs only the keys from its first row's document start to its last row's document end:
 the loops start and stop there, so a block of short documents skips almost every key block (and
 the dk/dv kernel skips the query blocks of other documents the same way).
@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from kernels._triton import check_device, interpreting, tl, triton
-from kernels.attention import check_masks, document_bounds
+from kernels.torch_attention import check_masks, document_bounds
 
 _LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128  # the largest head dim whose tiles tests/test_kernels_compile.py checks
@@ -173,7 +173,8 @@ def _attn_fwd(Q, K, V, O, LSE, DOC_LO, DOC_HI, KEY_MASK,
         m_i = m_new
     seen = l_i > 0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))  # no key: P = exp2(s - inf) = 0 in backward
+    # No visible key: L = +inf, so backward's P = exp2(s - L) is 0 for the row.
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod, acc.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok)
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
@@ -477,7 +478,7 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     """q[B,Hq,T,hd], k/v[B,Hkv,S,hd] -> [B,Hq,T,hd], the math of attention_reference.
 
     segments[B,T] int (T == S): document ids, a token sees only its own document's run (see
-    kernels/attention.py); key_mask[B,S] bool: False = padded key. block_m/block_n override the
+    kernels/torch_attention.py); key_mask[B,S] bool: False = padded key. block_m/block_n override the
     query/key tile sizes of every kernel (tests use them to cover partial and unequal tiles).
     """
     return FlashAttentionFunction.apply(q, k, v, causal, segments, key_mask, block_m, block_n)

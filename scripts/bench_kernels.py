@@ -151,7 +151,7 @@ def cases(ops):
         gen = torch.Generator().manual_seed(0)
         lengths = torch.randint(256, 1025, (B, T // 256), generator=gen)
         segments = torch.stack([torch.repeat_interleave(torch.arange(len(row)), row)[:T] for row in lengths]).to(dev)
-        attention = importlib.import_module("kernels.attention")
+        attention = importlib.import_module("kernels.torch_attention")
         seen = int(attention.dense_mask(T, T, True, segments, None, dev).sum())  # visible (query, key) pairs
         flops = 4 * H * seen * hd
         qo, kv = B * H * T * hd, B * K * T * hd
@@ -217,9 +217,9 @@ def bench_gpu(ops) -> None:
                 torch.cuda.empty_cache()
                 continue
             tflops = f"{fb_flops / t_fb / 1e9:.1f}" if fb_flops else "-"
+            fb_gbs = fb_bytes / t_fb / 1e6
             print(f"| {name} | {impl} | {t_f:.3f} | {t_fb:.3f} | {peak / 2**20:.0f} | "
-                  f"{fwd_bytes / t_f / 1e6:.0f} | {fb_bytes / t_fb / 1e6:.0f} | {100 * fb_bytes / t_fb / 1e6 / copy:.0f}% | "
-                  f"{tflops} |", flush=True)
+                  f"{fwd_bytes / t_f / 1e6:.0f} | {fb_gbs:.0f} | {100 * fb_gbs / copy:.0f}% | {tflops} |", flush=True)
             del inputs
             torch.cuda.empty_cache()
 

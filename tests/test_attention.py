@@ -28,7 +28,7 @@ import kernels
 from tests.test_kernels import DEVICE, TOL, assert_close_all, randn, rel_err, run_both
 
 flash = importlib.import_module("kernels.flash_attention")
-torch_path = importlib.import_module("kernels.attention")
+torch_path = importlib.import_module("kernels.torch_attention")
 
 
 def packed_segments(B: int, T: int, max_len: int, seed: int) -> torch.Tensor:
@@ -42,7 +42,7 @@ def packed_segments(B: int, T: int, max_len: int, seed: int) -> torch.Tensor:
 
 
 def reference_mask(B, T, S, causal, segments, key_mask) -> torch.Tensor:
-    """Bool [B,1,T,S] from the definition (independent of kernels/attention.py's run bounds)."""
+    """Bool [B,1,T,S] from the definition (independent of kernels/torch_attention.py's run bounds)."""
     allowed = torch.ones(B, 1, T, S, dtype=torch.bool, device=DEVICE)
     if causal:
         allowed &= torch.ones(T, S, dtype=torch.bool, device=DEVICE).tril(diagonal=S - T)
