@@ -11,8 +11,10 @@ render_with_mask), the same tokens supervised fine-tuning trains. Nothing is gen
 is no decoding noise: at 135M parameters, where generated answers are mostly echoes, this number
 still moves when training teaches the model a language. `eot_nll` is the NLL of the template's
 end-of-turn token right after each complete reference answer: a model that has stopped ending its
-turns (a known cost of continual pre-training) shows it here without generating anything. Lower
-is better for both; compare models only on
+turns (a known cost of continual pre-training) shows it here without generating anything; it
+means most on alpaca-en, whose references are whole answers (the QA references are extracted
+spans, after which a chat model rightly does not stop: SmolLM2 gives <|im_end|> about e^-24
+after a DRCD span, e^-0.45 after an Alpaca answer). Lower is better for both; compare models only on
 the same items (the items are chosen from the data by characters, never by tokens, so a model with
 an extended vocabulary is scored on the same items). Per token, so it is comparable between
 models with the same tokenizer only (a vocabulary extension changes what one token is).

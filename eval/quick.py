@@ -8,14 +8,16 @@ comparison of two such reports: what a training run writes at its end.
 
 Measured on the dev split, greedy, fixed items (the same command gives the same numbers):
 - answer NLL (eval.answer_nll): mean NLL per token of the reference answers of DRCD (zh-Hant),
-  XQuAD (th, en) and Alpaca (en) given their questions, in the chat template; no generation;
+  XQuAD (th, en) and Alpaca (en) given their questions, in the chat template, and the NLL of the
+  end-of-turn token after each reference answer; no generation;
 - language alignment without echoes (eval.alignment + eval.echo): share of answers in the
   prompt's language that are neither an echo of the prompt nor a degenerate repetition, with the
   echo/degenerate share beside it, for en, th and zh-Hant prompts;
 - end-of-turn rate: share of those answers that ended with the template's stop id within the
   token budget (per prompt set and over all);
 - one Traditional Chinese and one English sample answer (SAMPLE_PROMPTS).
-QuickSizes keeps this at about 2 minutes per SmolLM2-135M on 2 CPU cores (measured in README).
+QuickSizes is sized for under 2 minutes per SmolLM2-135M on 2 idle CPU cores: about 11k scored
+tokens, one prefill of 24 prompts and 64 decode steps at batch 24, plus 64 steps for the samples.
 
 The model is put in eval mode (no LoRA dropout) and its training mode restored afterwards. Call it
 on a model whose parameters are whole tensors on one device (a plain or LoRA-wrapped Llama, e.g.
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from eval import alignment, answer_nll
 from eval.common import ChatRunner
+from model.chat import get_template
 from eval.report import CHART_TITLES, chart_file, charts, clean, markdown_table, write_charts, write_json
 
 SAMPLE_PROMPTS = {"zh-Hant": "請用繁體中文介紹台灣的夜市。", "en": "What is the capital of France?"}
@@ -54,17 +57,17 @@ def data_files() -> list:
 
 def quick_report(model, tokenizer, template=None, sizes: QuickSizes | None = None, runner=None,
                  log=None) -> dict:
-    """-> {"answer_nll": {set: {"answer_nll", "lang", "tokens", "n", ...}},
+    """-> {"answer_nll": {set: {"answer_nll", "eot_nll", "lang", "tokens", "n", "truncated"}},
            "alignment": {"en"|"th"|"zh-Hant": {"aligned", "echo_degenerate", "end_of_turn", "shares", ...}},
            "overall": {"end_of_turn": share over all prompts},
            "samples": {"zh-Hant"|"en": {"prompt", "answer", "stopped"}},
            "sizes": asdict(sizes), "seconds": {"nll", "generation", "total"}}.
 
-    template: the chat template (default: detected from the tokenizer). runner: what answers the
+    template: the chat template (default: the tokenizer's stored one, model.chat.get_template; pass
+    the one the run trained with). runner: what answers the
     prompts (default: ChatRunner, greedy, with `sizes`); a runner without `.results` (e.g.
     model.tcot.TCOTRunner, whose answer is the text after <TH>) gives end_of_turn None.
     log(str): progress lines (default: none)."""
-    from model.chat import get_template
     sizes = sizes or QuickSizes()
     template = template or get_template(tokenizer)
     runner = runner or ChatRunner(model, tokenizer, template, max_new_tokens=sizes.max_new_tokens,
@@ -113,6 +116,7 @@ def compare(before: dict, after: dict, out_dir: str | Path | None = None,
     results = {"models": {names[0]: before, names[1]: after}}
     md = [f"# {title}: {names[0]} vs {names[1]}", "",
           "Dev split, greedy, the same items for both (eval/quick.py). Answer NLL: lower is better; "
+          "eot_nll: NLL of the end-of-turn token after the reference answer (lower is better); "
           "aligned = answers in the prompt's language that are neither an echo of the prompt nor a "
           "degenerate repetition (eval/echo.py); end_of_turn = answers that stopped within "
           f"{after.get('sizes', {}).get('max_new_tokens', '?')} new tokens.", "",

@@ -18,11 +18,12 @@ HEADLINE = {
     "judge_refusal_rate": "rate", "lang_aligned": "rate", "echo_degenerate": "rate", "end_of_turn": "rate",
     "bleu": "0-100", "chrf++": "0-100",
     "score": "1-10", "turn1": "1-10", "turn2": "1-10",
-    "ppl": "ppl", "answer_nll": "nll", "eot_nll": "nll",
+    "ppl": "ppl", "answer_nll": "nll", "eot_nll": "eot",
 }
 CHART_TITLES = {"rate": "Rates (0-1; echo/degenerate: lower is better, the rest higher)",
                 "0-100": "Translation (BLEU, chrF++)", "1-10": "MT-bench judge score (1-10)",
-                "ppl": "Perplexity (lower is better)", "nll": "Answer NLL per token, end-of-turn NLL (lower is better)"}
+                "ppl": "Perplexity (lower is better)", "nll": "Answer NLL per token (lower is better)",
+                "eot": "End-of-turn NLL after the reference answer (lower is better)"}
 # Bulky or per-item parts that are in the JSON but not worth a table row.
 _SKIP = {"examples", "predictions", "per_text_ppl", "langs", "refused", "judge_refused", "judgements",
          "per_subject", "per_category", "shares", "precisions", "echo"}

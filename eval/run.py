@@ -2,7 +2,7 @@
 
     python -m eval.run --model runs/inscp/final --model path/to/SmolLM2.gguf \\
         --suite alignment,ppl,mc,refusal,translation,mtbench --limit 50 --out runs/eval
-    python -m eval.run --model path/to/SmolLM2.gguf --quick --out runs/quick      # ~2 min per 135M model
+    python -m eval.run --model path/to/SmolLM2.gguf --quick --out runs/quick      # < 2 min per 135M model
 
 Suites (all read the dev split of ../shared/data unless --split holdout, which is for final
 numbers only):
@@ -18,7 +18,7 @@ numbers only):
                  by --judge PATH when given (MT-bench has one split: --split does not apply);
                  --tcot answers the TransLLM way (model/tcot.py), English thoughts saved too
     quick        eval/quick.py's report: answer NLL, echo-free alignment, end-of-turn rate and two
-                 sample answers at a size that runs in about 2 minutes on 2 CPU cores for a 135M
+                 sample answers, sized for under 2 minutes on 2 idle CPU cores for a 135M
                  model (`--quick` = `--suite quick`; --limit, --max-new-tokens, --batch-size
                  change its sizes when given)
 Greedy decoding and fixed seeds: the same command gives the same numbers. --limit N caps every

@@ -258,9 +258,10 @@ def test_quick_report_and_compare_write_a_before_after_report(tmp_path):
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     assert saved["models"]["before"]["answer_nll"]["alpaca-en"]["answer_nll"] == pytest.approx(
         before["answer_nll"]["alpaca-en"]["answer_nll"])
-    assert {p.name for p in (tmp_path / "run").glob("chart_*.svg")} == {"chart_rate.svg", "chart_nll.svg"}
+    charts = {"chart_rate.svg", "chart_nll.svg", "chart_eot.svg"}
+    assert {p.name for p in (tmp_path / "run").glob("chart_*.svg")} == charts
     assert "| answer_nll/drcd-zh-Hant/eot_nll |" in md
-    for name in ("chart_rate.svg", "chart_nll.svg"):
+    for name in charts:
         ET.parse(tmp_path / "run" / name)
         assert f"]({name})" in md
     assert math.isfinite(before["seconds"]["total"])
