@@ -245,7 +245,10 @@ def run_case(case: Case) -> dict:
         raise RuntimeError("kernels.compile_check needs TRITON_INTERPRET unset (the interpreter has no kernels)")
     reports: list[KernelReport] = []
     with _compile_instead_of_launch(case.arch, reports):
-        LAUNCHERS[case.op](case.config, DTYPES[case.dtype])
+        try:
+            LAUNCHERS[case.op](case.config, DTYPES[case.dtype])
+        except Exception as err:  # the launch code itself failed: report it as this case's failure
+            reports.append(KernelReport("(launch code)", {}, error=f"{type(err).__name__}: {err}"))
     for r in reports:
         r.problems = check(r, case.arch)
     return {"id": case.id, "kernels": [r.__dict__ for r in reports]}

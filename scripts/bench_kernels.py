@@ -80,6 +80,7 @@ def cases(ops):
     import importlib
 
     import kernels
+    from kernels import IGNORE_INDEX
     # importlib: `from kernels import swiglu` would give the dispatch function of that name.
     rmsnorm, rope, swiglu, cross_entropy, flash_attention = (
         importlib.import_module(f"kernels.{name}") for name in ("rmsnorm", "rope", "swiglu", "cross_entropy",
@@ -120,9 +121,10 @@ def cases(ops):
         targets = torch.randint(0, V, (N,), device=dev)
         # The torch column is the chunked reference (what kernels.linear_cross_entropy runs
         # without triton); "materialised" is the plain logits + F.cross_entropy path.
-        fns = impls(lambda h, w: cross_entropy.linear_cross_entropy_reference(h, w, targets, -100, 4096),
-                    lambda h, w: cross_entropy.linear_cross_entropy_triton(h, w, targets, -100, 4096))
-        fns["materialised"] = lambda h, w: cross_entropy.linear_cross_entropy_reference(h, w, targets, -100, 0)
+        ignore = IGNORE_INDEX
+        fns = impls(lambda h, w: cross_entropy.linear_cross_entropy_reference(h, w, targets, ignore, 4096),
+                    lambda h, w: cross_entropy.linear_cross_entropy_triton(h, w, targets, ignore, 4096))
+        fns["materialised"] = lambda h, w: cross_entropy.linear_cross_entropy_reference(h, w, targets, ignore, 0)
         mm = 2 * N * D * V
         yield ("linear_cross_entropy N=8192 D=4096 V=128256",
                lambda: (torch.randn(N, D, device=dev, dtype=bf16, requires_grad=True),
@@ -234,7 +236,7 @@ def _current_rss() -> int:
 
 def _cpu_memory_child(tokens: int, vocab: int, dim: int, chunk: int) -> None:
     """In a fresh process: one forward+backward; print the peak extra RSS as JSON."""
-    from kernels.cross_entropy import linear_cross_entropy_reference
+    from kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy_reference
 
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(tokens, dim, generator=gen).requires_grad_()
@@ -242,12 +244,12 @@ def _cpu_memory_child(tokens: int, vocab: int, dim: int, chunk: int) -> None:
     targets = torch.randint(0, vocab, (tokens,), generator=gen)
     # Warm up torch's lazy initialisation on a tiny problem, and preallocate the gradients so
     # both cases count only what the loss itself keeps alive.
-    linear_cross_entropy_reference(hidden[:8], weight[:16], targets[:8] % 16, -100, chunk).backward()
+    linear_cross_entropy_reference(hidden[:8], weight[:16], targets[:8] % 16, IGNORE_INDEX, chunk).backward()
     hidden.grad, weight.grad = torch.zeros_like(hidden), torch.zeros_like(weight)
     # Baseline: the *current* RSS. (ru_maxrss here could already hold a transient of the setup,
     # e.g. the unscaled randn weight, which would hide that much of the step's peak.)
     base = _current_rss()
-    loss = linear_cross_entropy_reference(hidden, weight, targets, -100, chunk)
+    loss = linear_cross_entropy_reference(hidden, weight, targets, IGNORE_INDEX, chunk)
     after_fwd = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

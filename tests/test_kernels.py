@@ -45,6 +45,7 @@ from model.config import preset  # noqa: E402
 from model.llama import Llama  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+IGNORE = kernels.IGNORE_INDEX  # the no-loss target
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -225,7 +226,7 @@ def ce_inputs(dtype, N=37, D=48, V=1000, seed=5):
     hidden = randn(N, D, dtype=dtype, gen=gen)
     weight = randn(V, D, dtype=dtype, gen=gen, scale=0.3)
     targets = torch.randint(0, V, (N,), generator=gen)
-    targets[torch.randperm(N, generator=gen)[: N // 4]] = -100  # prompt tokens, padding
+    targets[torch.randperm(N, generator=gen)[: N // 4]] = IGNORE  # prompt tokens, padding
     return hidden, weight, targets.to(DEVICE)
 
 
@@ -235,8 +236,8 @@ def test_linear_cross_entropy_triton(dtype, chunk_size):
     hidden, weight, targets = ce_inputs(dtype)
     # The materialised reference is the definition; block_v=256 makes the kernel loop over
     # four vocab blocks, the last one partial (1000 = 3*256 + 232).
-    results = run_both(lambda h, w: cross_entropy.linear_cross_entropy_reference(h, w, targets, -100, 0),
-                       lambda h, w: cross_entropy.linear_cross_entropy_triton(h, w, targets, -100, chunk_size,
+    results = run_both(lambda h, w: cross_entropy.linear_cross_entropy_reference(h, w, targets, IGNORE, 0),
+                       lambda h, w: cross_entropy.linear_cross_entropy_triton(h, w, targets, IGNORE, chunk_size,
                                                                               block_v=256),
                        [hidden, weight])
     assert results[1][0].dtype == torch.float32
@@ -247,8 +248,8 @@ def test_linear_cross_entropy_triton(dtype, chunk_size):
 def test_linear_cross_entropy_chunked_reference(dtype):
     """The chunked plain-PyTorch path (gradients computed in forward) equals the autograd definition."""
     hidden, weight, targets = ce_inputs(dtype, seed=6)
-    results = run_both(lambda h, w: cross_entropy.linear_cross_entropy_reference(h, w, targets, -100, 0),
-                       lambda h, w: cross_entropy.linear_cross_entropy_reference(h, w, targets, -100, 10),
+    results = run_both(lambda h, w: cross_entropy.linear_cross_entropy_reference(h, w, targets, IGNORE, 0),
+                       lambda h, w: cross_entropy.linear_cross_entropy_reference(h, w, targets, IGNORE, 10),
                        [hidden, weight])
     assert "LinearCrossEntropyFunction" in type(results[1][0].grad_fn).__name__  # not the autograd definition
     assert_close_all(*results, TOL[dtype], ["hidden", "weight"])
@@ -256,17 +257,18 @@ def test_linear_cross_entropy_chunked_reference(dtype):
 
 def test_linear_cross_entropy_ignore_and_mean():
     """Mean over loss tokens only; ignored rows get exactly zero gradient; all-ignored gives 0."""
+    assert IGNORE == -100  # PyTorch's (F.cross_entropy) and transformers' label convention
     hidden, weight, targets = ce_inputs(torch.float32, seed=7)
     h = hidden.clone().requires_grad_()
-    loss = cross_entropy.linear_cross_entropy_triton(h, weight, targets, -100, 16)
+    loss = cross_entropy.linear_cross_entropy_triton(h, weight, targets, IGNORE, 16)
     loss.backward()
-    keep = targets != -100
+    keep = targets != IGNORE
     want = torch.nn.functional.cross_entropy(hidden[keep] @ weight.t(), targets[keep])
     assert abs(loss.item() - want.item()) < 1e-5 * want.item()
     assert torch.all(h.grad[~keep] == 0) and torch.all(h.grad[keep].abs().sum(-1) > 0)
-    none = torch.full_like(targets, -100)
+    none = torch.full_like(targets, IGNORE)
     h2 = hidden.clone().requires_grad_()
-    loss = cross_entropy.linear_cross_entropy_triton(h2, weight, none, -100, 16)
+    loss = cross_entropy.linear_cross_entropy_triton(h2, weight, none, IGNORE, 16)
     loss.backward()
     assert loss.item() == 0.0 and torch.all(h2.grad == 0)
 
@@ -338,7 +340,7 @@ def training_step(attention: str, kernel_backend: str, state: dict, tokens: torc
     model.load_state_dict(state)
     hidden = model(tokens, return_hidden=True)                  # [B, T, D]
     targets = tokens[:, 1:].clone()
-    targets[0, :7] = -100                                       # a prompt without loss
+    targets[0, :7] = IGNORE                                     # a prompt without loss
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     loss = kernels.linear_cross_entropy(hidden, model.lm_head.weight, targets.reshape(-1), chunk_size=16)
     loss.backward()
