@@ -184,9 +184,10 @@ def test_answer_nll_equals_the_hand_computed_value():
 
 
 def test_answer_nll_sets_pick_the_same_items_by_characters():
-    th = answer_nll.load_pairs("xquad-th", limit=5, max_chars=500)
-    en = answer_nll.load_pairs("xquad-en", limit=5, max_chars=500) if th else []
     rows = read_jsonl(need(assets.shared_file, "data", "qa", "xquad_en_th.dev.jsonl"))
+    need(assets.shared_file, "data", "qa", "zh_tw_drcd.dev.jsonl")
+    th = answer_nll.load_pairs("xquad-th", limit=5, max_chars=500)
+    en = answer_nll.load_pairs("xquad-en", limit=5, max_chars=500)
     by_th = {f"{r['context_th'].strip()}\n\n{r['question_th'].strip()}": r for r in rows}
     assert len(th) == len(en) == 5
     for (p_th, a_th), (p_en, a_en) in zip(th, en):     # the same items in both languages
