@@ -2,7 +2,7 @@ from setuptools import setup
 
 # Tested versions. The oracles in `test` are used by tests only, never by the library.
 TEST = ["pytest>=8", "transformers==5.24.0", "peft==0.21.2", "tiktoken==0.14.0", "tokenizers==0.23.3",
-        "gguf==0.19.0", "triton==3.9.0"]
+        "gguf==0.19.0", "triton==3.9.0", "sacrebleu==2.6.0"]
 
 setup(
     name="langshift",
