@@ -178,19 +178,24 @@ def backend():
 
 
 def test_dispatch_picks_the_path(backend, monkeypatch):
-    """kernels.attention: Triton when forced (or on CUDA under auto), else the torch path, which
-    drops the segments of one-document rows and gives SDPA no mask at all then."""
+    """kernels.attention: Triton when forced (or on CUDA under auto), else the torch path: on CPU
+    SDPA, which gets no segments at all for one-document rows; on CUDA FlexAttention."""
     (q, k, v), causal, segments, key_mask, _ = case_inputs("gqa_docs", torch.float32)
     backend("triton")
     out = kernels.attention(q.requires_grad_(), k, v, segments=segments)
     assert type(out.grad_fn).__name__ == "FlashAttentionFunctionBackward"
     calls = []
-    real_sdpa = torch_path.sdpa_attention
-    monkeypatch.setattr(torch_path, "sdpa_attention", lambda *a: calls.append(a[3:]) or real_sdpa(*a))
+    for name in ("sdpa_attention", "flex_attention"):
+        real = getattr(torch_path, name)
+        monkeypatch.setattr(torch_path, name, lambda *a, _n=name, _f=real: calls.append((_n, a[3])) or _f(*a))
     backend("auto" if DEVICE == "cpu" else "torch")
     kernels.attention(q, k, v, segments=segments)
     kernels.attention(q, k, v, segments=torch.zeros_like(segments))
-    assert calls[0][0] is segments and calls[1][0] is None  # (segments, key_mask, causal) as SDPA got them
+    if DEVICE == "cpu":
+        assert [name for name, _ in calls] == ["sdpa_attention", "sdpa_attention"]
+        assert calls[0][1] is segments and calls[1][1] is None  # the segments SDPA got
+    else:
+        assert [name for name, _ in calls] == ["flex_attention", "flex_attention"]
 
 
 def test_bad_masks_are_refused():

@@ -9,8 +9,8 @@ test id names op/config/dtype/arch; the message names the kernel and its constex
 
 By default the representative subset runs (bf16 and fp32 of the main configuration of each op on
 both architectures; see kernels.compile_check.all_cases); LANGSHIFT_COMPILE_CHECK=full runs every
-configuration the tile choosers can pick, fp16 included (several times longer, see
-kernels/BENCHMARKS.md for the measured times).
+configuration the tile choosers can pick, fp16 included. Measured on the project's 2 shared
+cores: default 60 cases (136 kernel compiles) in 47-71 s; full 204 cases (504 compiles) in 11 min.
 
 Why a child process: the compile needs triton's compiler, while the rest of the suite runs the
 kernels on CPU under TRITON_INTERPRET=1 (tests/conftest.py), which turns every @triton.jit
