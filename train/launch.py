@@ -22,12 +22,15 @@ import signal
 import sys
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.run import get_args_parser, run
+from torch.distributed.run import determine_local_world_size, get_args_parser, run
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets, without its banner
+    if determine_local_world_size(args.nproc_per_node) > 1:
+        # what torchrun sets for several workers per node, without its banner; one worker keeps
+        # every core (setting 1 there would halve a CPU run on 2 cores)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the agent's own failure log
     try:
         run(args)
