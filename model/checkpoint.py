@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from model import quantize as quantize_lib
 from model.config import LlamaConfig
 from model.llama import Llama
 from model.gguf_tokenizer import tokenizer_from_gguf
@@ -33,28 +34,33 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-         attention: str | None = None, tokenizer: bool = True):
+         attention: str | None = None, tokenizer: bool = True, quantize: str | None = None):
     """path: an HF folder or a .gguf file -> (Llama in eval mode, Tokenizer or None).
 
     dtype: None keeps the stored dtype (float32 for GGUF, whose quantised weights are dequantised).
     attention: sdpa | eager | triton (default: the config's, sdpa).
     tokenizer: False loads the weights alone (intermediate checkpoints often have no tokenizer
     files) and returns None for it; True refuses a folder without them, naming the files.
+    quantize: "int8" turns every linear layer into int8 weights (model/quantize.py) as its tensor
+    is read, so no float copy of the whole model is made; GGUF Q8_0 weights go from their
+    blocks to int8 directly.
     The config is checked (and refused in one line) before the tokenizer or any tensor is read.
     """
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize={quantize!r}: only 'int8' is implemented")
     path = _existing(path)
     if path.suffix == ".gguf":
         from model.gguf import GGUFFile, iter_hf_tensors, llama_hf_config
         gguf = GGUFFile(path)
         config = LlamaConfig.from_hf(llama_hf_config(gguf), source=str(path))
-        tensors = iter_hf_tensors(gguf)
+        tensors = quantize_lib.gguf_tensors_int8(gguf, config) if quantize else iter_hf_tensors(gguf)
     else:
         config = LlamaConfig.from_hf(_read_json(path / "config.json"), source=str(path / "config.json"))
         tensors = _iter_safetensors(path)
     if attention:
         config.attention = attention
     tok = load_tokenizer_only(path) if tokenizer else None
-    model = _build(config, tensors, dtype, torch.device(device), str(path))
+    model = _build(config, tensors, dtype, torch.device(device), str(path), quantize)
     return model.eval(), tok
 
 
@@ -107,7 +113,7 @@ def _iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
-def _build(config: LlamaConfig, tensors, dtype, device: torch.device, source: str) -> Llama:
+def _build(config: LlamaConfig, tensors, dtype, device: torch.device, source: str, quantize: str | None = None) -> Llama:
     with torch.device("meta"):
         model = Llama(config)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -121,11 +127,18 @@ def _build(config: LlamaConfig, tensors, dtype, device: torch.device, source: st
         if tuple(tensor.shape) != expected:
             raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
                              f"the config implies {expected}")
-        # copy=True: a fresh, aligned allocation. Views into a file buffer or numpy array can sit
-        # at 16-byte offsets, which halves CPU matmul speed.
-        _set_param(model, name, tensor.to(device=device, dtype=dtype or tensor.dtype, copy=True))
+        if quantize and (quantize_lib.is_quantized_weight(name) or
+                         name == "model.embed_tokens.weight" and config.tie_embeddings):
+            quantize_lib.load_int8_tensor(model, name, tensor, device)
+        else:
+            # copy=True: a fresh, aligned allocation. Views into a file buffer or numpy array can
+            # sit at 16-byte offsets, which halves CPU matmul speed.
+            _set_param(model, name, tensor.to(device=device, dtype=dtype or tensor.dtype, copy=True))
         loaded.add(name)
-    if config.tie_embeddings:
+    if config.tie_embeddings and quantize:
+        quantize_lib.tie_int8_embedding(model, dtype or torch.float32)
+        loaded |= {"model.embed_tokens.weight", "lm_head.weight"}
+    elif config.tie_embeddings:
         # One matrix serves both: whichever name the file stored it under fills both.
         shared = model.model.embed_tokens.weight if "model.embed_tokens.weight" in loaded else model.lm_head.weight
         model.model.embed_tokens.weight = model.lm_head.weight = shared

@@ -154,30 +154,59 @@ def rope_tables(config: LlamaConfig, positions: torch.Tensor, dtype: torch.dtype
 
 
 class KVCache:
-    """Keys and values of every layer for up to max_len positions: k/v [L, B, K, max_len, hd].
+    """Keys and values of every layer for up to max_len positions, allocated once: per layer
+    k/v [B, K, max_len, hd]; plus the rotary tables of those positions, cos/sin [max_len, hd],
+    computed once (fp32, cast when read) instead of at every decoding step.
 
-    `length` positions are filled; all rows advance together (left padding keeps them aligned).
+    Two ways to write it:
+    - append (prefill, eager decoding): `update` stores the T new keys after the `length` filled
+      positions and returns the filled part [B,K,S,hd]; Llama.forward advances `length`.
+    - slot (the compiled one-token step of model.generate): `slot` is a [1] int tensor naming the
+      position to write; `update` stores there and returns the whole buffers [B,K,max_len,hd], so
+      every step has the same shapes and compiles once. Unfilled positions hold zeros; the
+      step's attention mask (`key_mask` [B, max_len], True = filled and not padding) hides them.
+    All rows advance together (left padding keeps them aligned).
     """
 
     def __init__(self, config: LlamaConfig, batch: int, max_len: int, dtype, device):
-        shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0
+        shape = (batch, config.n_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.max_len, self.length = max_len, 0
+        self.slot: torch.Tensor | None = None
+        self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.config, self.cos, self.sin = config, None, None
+        # Dynamic rope changes its frequencies with the sequence length past max_seq_len, so its
+        # table is only fixed while every position stays within it.
+        if (config.rope_scaling or {}).get("rope_type") != "dynamic" or max_len <= config.max_seq_len:
+            positions = torch.arange(max_len, device=device)
+            self.cos, self.sin = rope_cos_sin(rope_inv_freq(config, device), positions, torch.float32,
+                                              rope_attention_factor(config))
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin [B,T,hd] for positions[B,T] (each < max_len): rows of the precomputed tables."""
+        if self.cos is None:
+            return rope_tables(self.config, positions, dtype)
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k/v[B,K,T,hd] after the filled part; return all keys/values so far [B,K,S,hd]."""
+        """Store k/v[B,K,T,hd]; return the keys/values to attend to (see the class docstring)."""
+        if self.slot is not None:
+            self.k[layer].index_copy_(2, self.slot, k)
+            self.v[layer].index_copy_(2, self.slot, v)
+            return self.k[layer], self.v[layer]
         start, end = self.length, self.length + k.shape[2]
-        if end > self.k.shape[3]:
-            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.k.shape[3]}")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 def attention_mask(T: int, S: int, key_mask: torch.Tensor | None, device,
                    segments: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Bool [B or 1, 1, T, S] (True = may attend) or None when plain causal attention suffices.
+    """Bool [B or 1, 1, T, S] (True = may attend), or None when no mask is needed (plain causal
+    attention; one query without padding).
 
     Query t sits at absolute position S-T+t and sees keys up to it (causal), minus padded keys.
     A left-padding query that would see no key at all is let to see itself: its output is never
@@ -187,6 +216,11 @@ def attention_mask(T: int, S: int, key_mask: torch.Tensor | None, device,
     """
     if key_mask is None and segments is None and T == S:
         return None
+    if T == 1 and segments is None:
+        # One query at the last position (a decoding step): causality hides nothing from it,
+        # so only padding matters: None, or a view of the caller's mask (no allocation per
+        # token). Its own key must be real, as the newest token of a left-padded row is.
+        return None if key_mask is None else key_mask[:, None, None, :S].to(device)
     allowed = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)[None, None]
     if segments is not None:
         if T != S:
@@ -227,13 +261,16 @@ class Attention(nn.Module):
     def _attend(self, q, k, v, mask):
         """q[B,H,T,hd], k/v[B,K,S,hd], mask None (causal) or bool [B,1,T,S] -> [B,H,T,hd]."""
         backend = self.config.attention
+        # Without a mask: causal, except for one query (a decoding step), which sees every key.
+        # (SDPA's is_causal aligns the queries to the first keys, wrong for T=1 < S.)
+        causal = mask is None and q.shape[2] > 1
         if backend == "eager":
-            return kernels.attention_reference(q, k, v, causal=mask is None, mask=mask)
+            return kernels.attention_reference(q, k, v, causal=causal, mask=mask)
         if backend == "triton" and mask is None:
-            return kernels.flash_attention(q, k, v, causal=True)
+            return kernels.flash_attention(q, k, v, causal=causal)
         # sdpa, and triton with a padding/cache mask (generation), which the flash kernel does
         # not take: PyTorch's fused attention computes the same math.
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                               enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -307,7 +344,8 @@ class Llama(nn.Module):
             raise ValueError(f"{start + T} positions exceed sliding_window={window}: sliding-window "
                              "attention is not implemented")
         x = self.model.embed_tokens(tokens)
-        cos, sin = rope_tables(self.config, positions, x.dtype)
+        cos, sin = (cache.rope(positions, x.dtype) if cache is not None
+                    else rope_tables(self.config, positions, x.dtype))
         mask = attention_mask(T, start + T, key_mask, tokens.device, segments)
         for block in self.model.layers:
             if self.checkpoint_blocks and self.training and torch.is_grad_enabled():

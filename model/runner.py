@@ -63,10 +63,11 @@ class Runner:
     the template's stop ids. max_new_tokens is capped at half the model's context, so that a long
     prompt still keeps the other half.
     postprocess(str) -> str is applied to every decoded answer (e.g. TransLLM's text after <TH>).
+    compile: decode with the compiled one-token step (model.generate.generate(compile=True)).
     """
 
     def __init__(self, model, tokenizer, template: ChatTemplate | None = None, sampling: Sampling | None = None,
-                 batch_size: int = 8, postprocess: Callable[[str], str] | None = None):
+                 batch_size: int = 8, postprocess: Callable[[str], str] | None = None, compile: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.model, self.tokenizer = model, tokenizer
@@ -80,6 +81,7 @@ class Runner:
         self.pad_id = pad_id_of(tokenizer)
         self.postprocess = postprocess or (lambda s: s)
         self.truncated = 0  # prompts that lost their oldest tokens to fit the context
+        self.compile = compile
 
     @property
     def max_new_tokens(self) -> int:
@@ -120,7 +122,7 @@ class Runner:
         """Answer one conversation, writing its text as it grows (the chat REPL)."""
         prompt, cut = self.fit(self.render(messages))
         ids = generate(self.model, [prompt], self.sampling, on_token=Streamer(self.tokenizer, write),
-                       pad_id=self.pad_id)[0]
+                       pad_id=self.pad_id, compile=self.compile)[0]
         return self._answer(ids, cut)
 
     def _run(self, prompts: list[list[int]], desc: str | None) -> list[Answer]:
@@ -129,7 +131,8 @@ class Runner:
         order = sorted(range(len(prompts)), key=lambda i: len(fitted[i][0]))
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         for batch in tqdm(batches, desc=desc, disable=desc is None, leave=False):
-            new = generate(self.model, [fitted[i][0] for i in batch], self.sampling, pad_id=self.pad_id)
+            new = generate(self.model, [fitted[i][0] for i in batch], self.sampling, pad_id=self.pad_id,
+                           compile=self.compile)
             for i, ids in zip(batch, new):
                 out[i] = self._answer(ids, fitted[i][1])
         return out  # type: ignore[return-value]

@@ -52,16 +52,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def side_main(args) -> dict:
-    """Child process: load the HF folder with one library, generate, report JSON on stdout."""
+def chat_prompts(folder, batch: int) -> tuple[list[list[int]], int]:
+    """The first `batch` PROMPTS (cycled) as chat prompt ids of the folder's template, and the pad id."""
     from model.chat import get_template
     from model.checkpoint import load_tokenizer_only
-    dtype = getattr(torch, args.dtype)
-    tokenizer = load_tokenizer_only(args.folder)
+    tokenizer = load_tokenizer_only(folder)
     template = get_template(tokenizer)
     prompts = [template.render([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], add_generation_prompt=True)
-               for i in range(args.batch)]
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+               for i in range(batch)]
+    return prompts, tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+
+
+def side_main(args) -> dict:
+    """Child process: load the HF folder with one library, generate, report JSON on stdout."""
+    dtype = getattr(torch, args.dtype)
+    prompts, pad = chat_prompts(args.folder, args.batch)
     if args.side == "ours":
         from model.checkpoint import load
         from model.generate import Sampling, generate

@@ -1,12 +1,16 @@
 """Generation: KV cache vs full recomputation, left-padded batches vs one prompt at a time,
-and the sampling filters on hand-built cases."""
+the static cache's slot step (attention over the whole preallocated cache) vs recomputation,
+precomputed rotary tables vs the per-call ones, no mask built per decoding step, stop ids, and
+the sampling filters on hand-built cases. (The compiled step: tests/test_decode_compile.py.)"""
 from __future__ import annotations
 
+import pytest
 import torch
 
+import model.generate as generate_module
 from model.config import preset
-from model.generate import Sampling, choose_next, generate
-from model.llama import Llama
+from model.generate import Sampling, choose_next, decode_step, generate
+from model.llama import KVCache, Llama, attention_mask, rope_tables
 
 
 def tiny_model(seed=0):
@@ -42,6 +46,46 @@ def test_left_padded_batch_equals_one_at_a_time():
     for attention in ("sdpa", "eager"):
         model.config.attention = attention
         assert generate(model, prompts(), Sampling(max_new_tokens=15, stop_ids=[])) == alone
+
+
+def test_slot_step_over_the_whole_cache_equals_recomputation(monkeypatch):
+    """generate(compile=True)'s step (fixed shapes: every layer attends over the whole padded
+    cache through the key mask), here run eagerly: the same tokens as recomputing everything."""
+    monkeypatch.setattr(generate_module, "compiled_decode_step", lambda: decode_step)
+    model = tiny_model()
+    s = Sampling(max_new_tokens=12, stop_ids=[])
+    got = generate(model, prompts(), s, compile=True)
+    assert got == generate(model, prompts(), s)  # eager: equal to recomputation (tested above)
+    assert generate(model, [prompts()[2]], s, compile=True)[0] == greedy_by_recomputation(model, prompts()[2], 12)
+
+
+def test_a_decoding_step_builds_no_mask():
+    key_mask = torch.tensor([[False, True, True, True, False], [True] * 5])
+    assert attention_mask(1, 4, None, "cpu") is None  # no padding: no mask at all
+    view = attention_mask(1, 4, key_mask, "cpu")     # padding: a view of the caller's buffer
+    assert view.shape == (2, 1, 1, 4) and view.data_ptr() == key_mask.data_ptr()
+    assert view[:, 0, 0].tolist() == key_mask[:, :4].tolist()
+
+
+@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}])
+def test_cache_rotary_tables_equal_the_per_call_tables(rope_scaling):
+    config = preset("tiny", rope_scaling=rope_scaling)
+    cache = KVCache(config, batch=2, max_len=64, dtype=torch.float32, device="cpu")
+    positions = torch.tensor([[0, 5, 63], [17, 2, 40]])
+    for got, want in zip(cache.rope(positions, torch.float32), rope_tables(config, positions, torch.float32)):
+        assert torch.equal(got, want)
+    dynamic = preset("tiny", max_seq_len=16, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    assert KVCache(dynamic, 1, 32, torch.float32, "cpu").cos is None  # frequencies change past 16
+
+
+def test_stop_ids_none_means_the_models_eos():
+    model = tiny_model()
+    full = generate(model, prompts(), Sampling(max_new_tokens=15, stop_ids=[]))
+    model.config.eos_id = full[1][4]
+    got = generate(model, prompts(), Sampling(max_new_tokens=15))  # stop_ids None
+    assert got == generate(model, prompts(), Sampling(max_new_tokens=15, stop_ids=[full[1][4]]))
+    assert got[1] == full[1][:full[1].index(full[1][4])]
 
 
 def test_stop_ids_end_each_row_and_are_excluded():

@@ -1,0 +1,218 @@
+"""int8 weight-only quantisation of a Llama's linear layers, for inference.
+
+Each nn.Linear weight W [N,K] becomes int8 codes q [N,K] and one scale per output row s [N]
+(bf16), W ~ q * s, with s = max|W_row| / 127 rounded to bf16 and q = round(W / s) clamped to
++-127: every weight is off by at most s/2. Activations stay in the model's dtype; norms,
+biases and an untied embedding stay as they are (an embedding row is read once per token, so
+int8 would save memory, not time). A tied embedding shares the head's int8 codes.
+
+Decoding one token reads every weight once, so its speed is bounded by memory bandwidth: int8
+reads a quarter of fp32's bytes. Which matmul reads int8 fast depends on the device:
+
+- CPU: torch._weight_int8pack_mm, which takes bf16 (or fp16/fp32) activations. Measured on
+  this project's 2-core AVX2 box (torch 2.13, 1536x576 = SmolLM2's MLP shape, 30 distinct
+  weights so they come from memory, best of 15): fp32 F.linear 340-530 us, int8pack with
+  bf16 activations 90-100 us, with fp32 activations 1500 us, eager dequantise + F.linear
+  240-4800 us (a new fp32 weight every call), compiled dequantise + linear or multiply-sum
+  (Inductor's C++ reduction) 1200-4500 us; for the 49152x576 head fp32 13-21 ms, int8pack
+  bf16 5-7 ms. So: int8pack with bf16 activations for up to INT8PACK_MAX_ROWS rows (decoding);
+  its kernel is a matrix-vector loop, slower than fp32 GEMM from ~16 rows, so longer inputs
+  (prefill, scoring) use the dequantised weight in one fp32 GEMM. Both compute the same
+  function, y = bf16(bf16(x) @ (q*s)^T), up to fp32 summation order: rounding x and y to bf16
+  is what the fast kernel does, and the wide path does it too so that scoring measures the
+  numbers decoding produces.
+- other devices (CUDA): F.linear(x, q.to(x.dtype)) * s, as gpt-fast does; under torch.compile
+  Inductor fuses the dequantisation into the matmul. (Not measured here: no GPU.)
+
+Quality on SmolLM2-135M-Instruct: see tests/test_quantize.py (perplexity on held-out PUD
+sentences stays within PPL_DELTA of fp32).
+
+GGUF Q8_0 tensors (one fp16 scale d per 32 weights) map to this layout without a float copy
+of the tensor: `int8_from_q8_0` requantises each row to the row scale max_b(d_b), the scale
+quantising the dequantised row would pick, since each Q8_0 block's largest weight is coded
++-127. Blocks whose d is the row maximum keep their codes exactly; the others are rounded again,
+adding at most s/2 per weight. The result equals quantize_weight of the dequantised tensor.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SCALE_DTYPE = torch.bfloat16
+INT8PACK_MAX_ROWS = 8  # measured crossover: int8pack beats fp32 GEMM at 1-4 rows, loses from 16
+_CHUNK_ROWS = 4096     # rows quantised at a time: bounds the float temporaries of a big tensor
+
+
+@dataclass
+class Int8Weight:
+    """A quantised weight: codes q int8 [N,K], scales s [N] (SCALE_DTYPE); W ~ q * s[:, None]."""
+    q: torch.Tensor
+    s: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        """[N,K] in dtype."""
+        return self.q.to(dtype) * self.s.to(dtype)[:, None]
+
+
+def quantize_weight(w: torch.Tensor) -> Int8Weight:
+    """float [N,K] -> Int8Weight with one scale per row (see the module docstring).
+
+    The scale is rounded to bf16 before the codes are formed, so q * s is the stored weight's
+    best approximation. An all-zero row gets scale 0 and codes 0.
+    """
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    s = torch.empty(w.shape[0], dtype=SCALE_DTYPE, device=w.device)
+    for start in range(0, w.shape[0], _CHUNK_ROWS):
+        rows = w[start:start + _CHUNK_ROWS].float()
+        scale = (rows.abs().amax(dim=1) / 127).to(SCALE_DTYPE)
+        divisor = torch.where(scale == 0, 1.0, scale.float())[:, None]
+        q[start:start + _CHUNK_ROWS] = (rows / divisor).round().clamp(-127, 127).to(torch.int8)
+        s[start:start + _CHUNK_ROWS] = scale
+    return Int8Weight(q, s)
+
+
+def int8_from_q8_0(raw: np.ndarray, shape: tuple[int, int]) -> Int8Weight:
+    """GGUF Q8_0 bytes of a [N,K] tensor (N*K/32 blocks of: fp16 d, 32 int8 codes) -> Int8Weight.
+
+    Works _CHUNK_ROWS rows at a time, so no float copy of the whole tensor is made; equal to
+    quantize_weight(dequantised tensor) (tested against the gguf package's dequantiser).
+    """
+    n, k = shape
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(n, k // 32, 34)
+    q = torch.empty(shape, dtype=torch.int8)
+    s = torch.empty(n, dtype=SCALE_DTYPE)
+    for start in range(0, n, _CHUNK_ROWS):
+        part = blocks[start:start + _CHUNK_ROWS]
+        d = torch.from_numpy(np.ascontiguousarray(part[:, :, :2]).view("<f2").astype(np.float32))  # [n,k/32,1]
+        codes = torch.from_numpy(np.ascontiguousarray(part[:, :, 2:]).view(np.int8))              # [n,k/32,32]
+        # codes * d is exact in fp32 (8-bit codes times 11-bit mantissas): the dequantised rows
+        rows = (codes.float() * d).reshape(len(part), k)
+        w = quantize_weight(rows)
+        q[start:start + len(part)], s[start:start + len(part)] = w.q, w.s
+    return Int8Weight(q, s)
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * s)^T + bias for x [..., K] -> [..., N]; q int8 [N,K], s [N] buffers."""
+
+    def __init__(self, weight: Int8Weight, bias: nn.Parameter | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.q.shape
+        self.register_buffer("weight", weight.q)
+        self.register_buffer("scales", weight.s)
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if x.device.type == "cpu":
+            y = self._cpu(rows)
+        else:
+            y = F.linear(rows, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def _cpu(self, rows: torch.Tensor) -> torch.Tensor:
+        """bf16(bf16(rows) @ (q*s)^T) [M,N]: int8pack for few rows, one fp32 GEMM for many."""
+        rows = rows.to(torch.bfloat16)
+        if rows.shape[0] <= INT8PACK_MAX_ROWS:
+            return torch._weight_int8pack_mm(rows, self.weight, self.scales)
+        weight = Int8Weight(self.weight, self.scales).dequantize()
+        return F.linear(rows.float(), weight).to(torch.bfloat16)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class Int8Embedding(nn.Module):
+    """Rows of a tied head's int8 weight as embeddings: ids [...] -> [..., D] in `dtype`."""
+
+    def __init__(self, head: Int8Linear, dtype: torch.dtype):
+        super().__init__()
+        self.head, self.dtype = [head], dtype  # a list: the head is not a submodule twice
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        head = self.head[0]
+        return head.weight[ids].to(self.dtype) * head.scales[ids].to(self.dtype)[..., None]
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace every nn.Linear of a Llama (attention, MLP, head) by an Int8Linear, in place;
+    a tied embedding then reads the head's codes. Returns the model (eval, inference only).
+
+    Refuses a model with LoRA layers (merge them first: model.lora.merge_lora).
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
+            raise ValueError(f"quantize_int8: {name} is a {type(module).__name__}; merge LoRA "
+                             "adapters first (model.lora.merge_lora)")
+    dtype = model.model.embed_tokens.weight.dtype
+    tied = model.config.tie_embeddings
+    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    for name, module in linears:
+        set_int8_linear(model, name, quantize_weight(module.weight.detach()), module.bias)
+    if tied:
+        model.model.embed_tokens = Int8Embedding(model.lm_head, dtype)
+    return model.eval()
+
+
+def set_int8_linear(model: nn.Module, name: str, weight: Int8Weight, bias: nn.Parameter | None) -> None:
+    """Put Int8Linear(weight, bias) at module path `name` (e.g. model.layers.0.mlp.up_proj)."""
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, Int8Linear(weight, bias))
+
+
+# ---- loading straight into int8 (model.checkpoint.load(..., quantize="int8")) --------------
+
+def is_quantized_weight(name: str) -> bool:
+    """Whether an HF tensor name is a weight quantize_int8 turns into int8 (linear layers; the
+    embedding of a tied model arrives as the head's weight, see checkpoint.load)."""
+    return name.endswith("_proj.weight") or name == "lm_head.weight"
+
+
+def gguf_tensors_int8(gguf, config) -> Iterator[tuple[str, torch.Tensor | Int8Weight]]:
+    """model.gguf.iter_hf_tensors, except that the Q8_0 weights of linear layers (and a tied
+    embedding) come as Int8Weight straight from their blocks (int8_from_q8_0), q/k rows
+    un-permuted as iter_hf_tensors does; every other tensor as it yields it."""
+    from model.gguf import hf_name, iter_hf_tensors, unpermute_rotary
+    direct = {}
+    for name, info in gguf.tensors.items():
+        target = hf_name(name) if info.ggml_type == "Q8_0" else None
+        if target and (is_quantized_weight(target) or target == "model.embed_tokens.weight" and config.tie_embeddings):
+            direct[name] = target
+    rest = copy.copy(gguf)
+    rest.tensors = {name: info for name, info in gguf.tensors.items() if name not in direct}
+    yield from iter_hf_tensors(rest)
+    heads = {"q_proj": config.n_heads, "k_proj": config.n_kv_heads}
+    for name, target in direct.items():
+        info = gguf.tensors[name]
+        raw = np.memmap(gguf.path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))
+        rows = raw.reshape(info.shape[0], -1)  # one row of blocks per output row
+        module = target.split(".")[-2]
+        if module in heads:  # a row permutation: move each row's blocks as llama.cpp moved the row
+            rows = unpermute_rotary(rows, heads[module])
+        yield target, int8_from_q8_0(rows, info.shape)
+
+
+def load_int8_tensor(model: nn.Module, name: str, tensor: torch.Tensor | Int8Weight, device) -> None:
+    """Checkpoint loading: the linear weight `name` (a float tensor, or an Int8Weight from
+    gguf_tensors_int8) becomes an Int8Linear on `device`; a tied model's embedding weight
+    becomes the head's (tie_int8_embedding then shares it)."""
+    module_name = "lm_head" if name == "model.embed_tokens.weight" else name.removesuffix(".weight")
+    weight = tensor if isinstance(tensor, Int8Weight) else quantize_weight(tensor.to(device))
+    weight = Int8Weight(weight.q.to(device), weight.s.to(device))
+    set_int8_linear(model, module_name, weight, model.get_submodule(module_name).bias)
+
+
+def tie_int8_embedding(model: nn.Module, dtype: torch.dtype) -> None:
+    """After loading a tied model: the embedding reads the int8 head's rows."""
+    model.model.embed_tokens = Int8Embedding(model.lm_head, dtype)

@@ -1,0 +1,200 @@
+"""Benchmark: fast decoding (static cache, compiled one-token step, int8 weights) vs transformers.
+
+    python scripts/bench_decode.py            # SmolLM2-135M-Instruct GGUF, batch 1 and 4, 128 new tokens
+    python scripts/bench_decode.py --batch 1 --new-tokens 32 --repeats 2 --sides fp32,int8-compiled
+
+One HF copy of the model is read by every side, each (side, batch) in its own child process:
+
+    transformers    fp32 `generate`, pure argmax for exactly N steps (scripts/bench_generate.py's side)
+    fp32            ours, eager: static KV cache, one Llama.forward per token
+    fp32-compiled   ours, generate(compile=True): the one-token step under torch.compile
+    int8            ours, checkpoint.load(quantize="int8") (model/quantize.py), eager
+    int8-compiled   the same, compiled
+
+Every side is timed from its second call on (best of --repeats); the first call, which compiles
+(compiled sides) and warms up, is reported apart. Greedy tokens: the fp32 sides must equal
+transformers' (the script exits 1 naming the first differing row and step otherwise); int8
+changes the numbers, so its agreement with transformers' tokens is reported instead: the share
+of tokens before each row's first difference.
+
+The weight-streaming limit: a decoding step reads every weight once (the head included, the
+embedding row aside), whatever the batch, so steps/s <= read bandwidth / weight bytes. The read
+bandwidth is measured here (best of 10 sums over a 512 MiB fp32 tensor, all threads); "of limit"
+is the measured steps/s over that bound. Compiled sides reuse Inductor's on-disk cache
+(TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_$USER): with --cold-compile each compiled
+side gets a fresh cache folder, so its first call pays the full code generation.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
+
+import torch  # noqa: E402
+
+from scripts.bench_generate import chat_prompts, first_difference  # noqa: E402
+from scripts.benchmarking import hf_copy, run_side  # noqa: E402
+
+OURS = ("fp32", "fp32-compiled", "int8", "int8-compiled")
+SIDES = ("transformers",) + OURS
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="HF folder or .gguf (default: SmolLM2-135M-Instruct GGUF)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per side, after the first call")
+    p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, from {','.join(SIDES)}")
+    p.add_argument("--cold-compile", action="store_true", help="a fresh Inductor cache for each compiled side")
+    p.add_argument("--side", choices=OURS, help=argparse.SUPPRESS)
+    p.add_argument("--folder", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    unknown = set(args.sides.split(",")) - set(SIDES)
+    if unknown:
+        p.error(f"--sides: unknown {sorted(unknown)}; choose from {','.join(SIDES)}")
+    return args
+
+
+def side_main(args) -> dict:
+    """Child process: one of our sides on one batch -> JSON (timings, tokens, weight bytes)."""
+    from model.checkpoint import load
+    from model.generate import Sampling, generate
+    prompts, pad = chat_prompts(args.folder, args.batch[0])
+    model, _ = load(args.folder, quantize="int8" if args.side.startswith("int8") else None, tokenizer=False)
+    sampling = Sampling(max_new_tokens=args.new_tokens, stop_ids=[])
+    compile = args.side.endswith("compiled")
+    start = time.perf_counter()
+    out = generate(model, prompts, sampling, pad_id=pad, compile=compile)
+    first = time.perf_counter() - start
+    best = float("inf")
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        out = generate(model, prompts, sampling, pad_id=pad, compile=compile)
+        best = min(best, time.perf_counter() - start)
+    return {"seconds": best, "first": first, "out": out, "weight_bytes": weight_bytes_per_step(model)}
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of weights one decoding step reads: every linear layer's weight (int8 codes and
+    their scales, or floats) and the norms; the embedding only through the tied head."""
+    seen, total = set(), 0
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.data_ptr() in seen or name == "model.embed_tokens.weight" and not model.config.tie_embeddings:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def read_bandwidth(mib: int = 512, repeats: int = 10) -> float:
+    """Bytes/s of the best of `repeats` sums over a fresh fp32 tensor of `mib` MiB."""
+    x = torch.ones(mib * 2**20 // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
+
+
+def run_batch(folder, batch: int, args, sides: list[str]) -> dict:
+    flags = ["--batch", str(batch), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+    results = {}
+    for side in sides:
+        if side == "transformers":
+            script = str(Path(__file__).with_name("bench_generate.py"))
+            results[side] = run_side(script, side, folder, flags + ["--device", "cpu", "--dtype", "float32"])
+            continue
+        with fresh_inductor_cache(args.cold_compile and side.endswith("compiled")):
+            results[side] = run_side(__file__, side, folder, flags)
+    return results
+
+
+@contextlib.contextmanager
+def fresh_inductor_cache(fresh: bool):
+    """While open (if `fresh`), child processes get an empty Inductor cache folder."""
+    if not fresh:
+        yield
+        return
+    old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
+
+
+def agreement(ours: list[list[int]], reference: list[list[int]]) -> float:
+    """Share of tokens before each row's first difference from the reference."""
+    kept = 0
+    for a, b in zip(ours, reference):
+        diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(b))
+        kept += diff
+    return kept / sum(map(len, reference))
+
+
+def report(batch: int, results: dict, bandwidth: float, new_tokens: int) -> str | None:
+    """Print one batch's table; -> an error line if an fp32 side's tokens differ from transformers'."""
+    reference = results.get("transformers")
+    ref_weights = next((r["weight_bytes"] for s, r in results.items() if s.startswith("fp32")), None)
+    error = None
+    print(f"\nbatch {batch}, {new_tokens} new tokens")
+    print(f"{'side':<15}{'tokens/s':>9}{'vs HF':>7}{'first call s':>13}{'MB/step':>9}{'limit tok/s':>12}"
+          f"{'of limit':>9}  tokens vs transformers")
+    for side, r in results.items():
+        tokens_per_s = batch * new_tokens / r["seconds"]
+        ratio = f"{reference['seconds'] / r['seconds']:.2f}x" if reference else "-"
+        weights = r.get("weight_bytes", ref_weights)
+        limit = batch * bandwidth / weights if weights else float("nan")
+        first = f"{r['first']:.1f}" if "first" in r else "-"
+        if side == "transformers":
+            tokens = "reference"
+        elif reference is None:
+            tokens = "-"
+        elif side.startswith("fp32"):
+            diff = first_difference(r["out"], reference["out"])
+            tokens = "identical" if diff is None else "DIFFER row %d step %d: %s vs %s" % diff
+            if diff is not None and error is None:
+                error = f"batch {batch} {side}: tokens differ from transformers at row {diff[0]}, step {diff[1]}"
+        else:
+            tokens = f"{agreement(r['out'], reference['out']):.1%} agree (before the first difference)"
+        print(f"{side:<15}{tokens_per_s:>9.1f}{ratio:>7}{first:>13}{weights / 1e6 if weights else 0:>9.0f}"
+              f"{limit:>12.1f}{tokens_per_s / limit:>9.2f}  {tokens}")
+    return error
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.side:
+        print(json.dumps(side_main(args)))
+        return
+    from model import assets
+    source = args.model or assets.smollm2_gguf()
+    sides = [s for s in SIDES if s in args.sides.split(",")]
+    bandwidth = read_bandwidth()
+    print(f"model {source}\ncpu, float32 activations, best of {args.repeats}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the start")
+    errors = []
+    with hf_copy(source) as folder:
+        for batch in args.batch:
+            errors.append(report(batch, run_batch(folder, batch, args, sides), bandwidth, args.new_tokens))
+    errors = [e for e in errors if e]
+    if errors:
+        sys.exit("; ".join(errors))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The compiled one-token step (generate(compile=True)): the same greedy tokens as eager decoding
+and as recomputing the whole sequence, for a left-padded batch, one prompt (the single-row
+linear path) and int8 layers; one graph serves every step and a second call of the same shapes.
+
+CPU Inductor compiles each graph in 10-25 s on the project's 2 shared cores (a warm Inductor
+cache makes later runs faster), so these are marked slow; they still run under plain pytest.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from model.generate import Sampling, generate
+from model.quantize import quantize_int8
+from tests.test_generate import greedy_by_recomputation, prompts, tiny_model
+
+NEW = 10
+
+
+def compiled_graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.slow
+def test_compiled_greedy_equals_eager_and_recomputation():
+    model = tiny_model()
+    s = Sampling(max_new_tokens=NEW, stop_ids=[])
+    eager = generate(model, prompts(), s)
+    before = compiled_graphs()
+    assert generate(model, prompts(), s, compile=True) == eager  # left-padded batch of 4
+    assert compiled_graphs() == before + 1                       # one graph for all NEW - 1 steps
+    assert generate(model, prompts(), s, compile=True) == eager  # same shapes: reused
+    assert compiled_graphs() == before + 1
+    one = prompts()[1]
+    alone = generate(model, [one], s, compile=True)[0]           # batch 1: linears as multiply-sum
+    assert alone == greedy_by_recomputation(model, one, NEW) == eager[1]
+
+
+@pytest.mark.slow
+def test_compiled_int8_decoding_equals_eager_int8():
+    model = quantize_int8(tiny_model(seed=1))
+    s = Sampling(max_new_tokens=NEW, stop_ids=[])
+    eager = generate(model, prompts()[:2], s)
+    assert len({tuple(row) for row in eager}) > 1
+    assert generate(model, prompts()[:2], s, compile=True) == eager
