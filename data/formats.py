@@ -15,15 +15,17 @@ it from ids[:i]). The loader shifts this into labels. Formats:
 - `recovery` TransLLM recovery KD: English instruction, assistant = `<RESPONSE> {answer}`, where
             the answer is the frozen original chat model's own.
 - `translation` TransLLM translation SFT: "translate this" instruction, answer = translation.
-The three TransLLM formats train on the response only. Their tags are inserted as special-token
-ids when the tokenizer has them (after vocabulary extension), else written as plain text.
+The three TransLLM formats train on the response only. Their tags come from model.tcot.tcot_tags
+(`<TH>` is `--tag TH`; the one definition, shared with vocabulary extension and TCOT inference) and
+are inserted as special-token ids when the tokenizer has them (after vocabulary extension), else
+written as plain text.
 """
 from __future__ import annotations
 
 from typing import Iterable, Iterator
 
 from model.chat import ChatTemplate
-from model.tcot import TAGS  # <EN>, <RESPONSE>, <TH>: one definition for training and inference
+from model.tcot import tcot_tags
 
 Sample = tuple[list[int], list[bool]]
 
@@ -58,20 +60,23 @@ def sft(template: ChatTemplate, messages: list[dict]) -> Sample:
 
 
 def tcot(template: ChatTemplate, query: str, en_query: str, en_answer: str, answer: str,
-         tags: tuple[str, str, str] = TAGS) -> Sample:
+         tag: str = "TH") -> Sample:
     """TransLLM TCOT sample: user = target-language query; assistant =
-    `<EN> {en_query} <RESPONSE> {en_answer} <TH> {answer}`; loss on the assistant turn only."""
+    `<EN> {en_query} <RESPONSE> {en_answer} <TAG> {answer}` (<TAG>: tcot_tags(tag)); loss on the
+    assistant turn only."""
+    tags = tcot_tags(tag)
     en, response, target = tags
     thought = f"{en} {en_query.strip()} {response} {en_answer.strip()} {target} {answer.strip()}"
     messages = [{"role": "user", "content": query}, {"role": "assistant", "content": thought}]
     return template.render_with_mask(messages, tags=tags)
 
 
-def recovery(template: ChatTemplate, messages: list[dict], tag: str = "<RESPONSE>") -> Sample:
+def recovery(template: ChatTemplate, messages: list[dict]) -> Sample:
     """TransLLM recovery-KD sample: the conversation's last answer (the frozen chat model's own)
     trained as `<RESPONSE> {answer}`; loss on that answer only."""
     if messages[-1]["role"] != "assistant":
         raise ValueError("the last message must be the assistant's")
+    tag = tcot_tags()[1]  # <RESPONSE>
     answer = messages[-1]["content"].strip()
     messages = list(messages[:-1]) + [{"role": "assistant", "content": f"{tag} {answer}"}]
     return template.render_with_mask(messages, tags=(tag,))

@@ -5,49 +5,60 @@
 
 Record kinds by format: inscp / orgcp read texts (.txt, or a .jsonl text field) or instruction
 data (question and answer become separate samples); sft and recovery read instruction data;
-tcot reads .jsonl {query, en_query, en_answer, answer}; translation reads .jsonl pairs from
+tcot reads .jsonl {query, en_query, en_answer, answer} (the answer follows <TAG>, --tag); translation reads .jsonl pairs from
 source_field / target_field.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import math
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from data.filter import perplexity_filter
+from data.filter import llama_scorer, perplexity_filter
+from data.flags import Flags, at_least, fail, flag, make, optional, read_flags
 from data.formats import FORMATS, TEXT_FORMATS, format_records
 from data.readers import DataError, InstructionFields, file_digest, read_conversations, read_jsonl, read_texts
 from data.tokenfile import tokenizer_identity, write_token_file
+from model import assets
+from model.chat import TEMPLATES, get_template
+from model.checkpoint import load, load_tokenizer_only
+from model.tcot import tag_problem
+from model.tokenizer import load_tokenizer
 
 TCOT_FIELDS = ("query", "en_query", "en_answer", "answer")
 
 
+def _perplexity(v: float) -> str | None:
+    return None if math.isfinite(v) and v > 0 else "must be a finite perplexity > 0 (InsCP: 15)"
+
+
 @dataclass
-class PrepareConfig:
-    inputs: list[str] = field(default_factory=list)  # data files, read in order
-    out: str = "runs/tokens/"                        # token file folder (or prefix)
-    format: str = "inscp"                            # inscp | orgcp | sft | tcot | recovery | translation
-    tokenizer: str = ""                              # tokenizer file/folder or .gguf (default: SmolLM2)
-    template: str | None = None                      # a model.chat.TEMPLATES name (default: recognised)
-    system: str | None = None                        # default system prompt for chat formats
-    text_field: str = "text"                         # .jsonl texts
-    paragraphs: bool = False                         # .txt: blank-line separated paragraphs
-    instruction_field: str = "instruction"
-    input_field: str = "input"
-    output_field: str = "output"
-    source_field: str = "source"                     # translation pairs
-    target_field: str = "target"
-    source_lang: str = "English"
-    target_lang: str = "Thai"
-    vocab_size: int | None = None                    # id bound (default: the tokenizer's)
-    ppl_model: str = ""                              # model (.gguf / HF folder) for the PPL filter
-    ppl_threshold: float = 15.0                      # keep samples with PPL <= this (InsCP: 15)
-    ppl_batch_size: int = 8
-    device: str = "cpu"                              # where the PPL model runs
+class PrepareConfig(Flags):
+    """Data file(s) -> format -> (optional perplexity filter) -> token file."""
+    inputs: list[str] = flag(help="data files (.txt / .jsonl), read in order",
+                             rule=lambda v: None if v else "give at least one data file")
+    out: str = flag("runs/tokens/", "token file folder (or prefix)")
+    format: str = flag("inscp", "sample format (data/formats.py)", choices=FORMATS)
+    tokenizer: str = flag("", "tokenizer file/folder or .gguf (default: SmolLM2-135M-Instruct)")
+    template: str | None = flag(None, "chat template (default: recognised from the stored one)", choices=TEMPLATES)
+    system: str | None = flag(None, "default system prompt of the chat formats")
+    text_field: str = flag("text", "text field of .jsonl text files")
+    paragraphs: bool = flag(False, ".txt files: blank-line separated documents (default: one per line)")
+    instruction_field: str = flag("instruction", "instruction field of .jsonl instruction data")
+    input_field: str = flag("input", "input field of .jsonl instruction data")
+    output_field: str = flag("output", "output field of .jsonl instruction data")
+    source_field: str = flag("source", "translation pairs: the source field")
+    target_field: str = flag("target", "translation pairs: the target field")
+    source_lang: str = flag("English", "translation: the source language's name in the prompt")
+    target_lang: str = flag("Thai", "translation: the target language's name in the prompt")
+    tag: str = flag("TH", "tcot: the target-language tag, <TAG> before the answer (model/tcot.tcot_tags)",
+                    rule=tag_problem)
+    vocab_size: int | None = flag(None, "id bound (default: the tokenizer's)", rule=optional(at_least(1)))
+    ppl_model: str = flag("", "model (.gguf / HF folder) whose perplexity filters the samples")
+    ppl_threshold: float = flag(15.0, "keep samples with perplexity <= this (InsCP: 15)", rule=_perplexity)
+    ppl_batch_size: int = flag(8, "samples scored together by the perplexity filter", rule=at_least(1))
+    device: str = flag("cpu", "where the perplexity model runs")
 
 
 def _jsonl_dicts(path: Path, names: dict[str, str]) -> Iterator[dict]:
@@ -100,13 +111,11 @@ def prepare(cfg: PrepareConfig, tokenizer, template=None, score=None, progress: 
     keep_record(i) -> bool: keep only the input records whose running index i passes (e.g. a
     train/eval split; the split is by record, before formatting, so a QA pair stays together).
     """
-    if cfg.format not in FORMATS:
-        raise ValueError(f"unknown format {cfg.format!r}: choose one of {', '.join(FORMATS)}")
-    if not cfg.inputs:
-        raise ValueError("no input data files given")
     options = {}
     if cfg.format == "translation":
         options = {"source_lang": cfg.source_lang, "target_lang": cfg.target_lang}
+    elif cfg.format == "tcot":
+        options = {"tag": cfg.tag}
     records = read_records(cfg)
     if keep_record is not None:
         records = (r for i, r in enumerate(records) if keep_record(i))
@@ -134,75 +143,40 @@ def prepare(cfg: PrepareConfig, tokenizer, template=None, score=None, progress: 
 def load_any_tokenizer(path: str):
     """A tokenizer from a .gguf file or model folder (with its chat template), a tokenizer file,
     or, for "", the demo model SmolLM2-135M-Instruct."""
-    from model import assets
-    from model.checkpoint import load_tokenizer_only
-    from model.tokenizer import load_tokenizer
     p = Path(path) if path else assets.smollm2_gguf()
     return load_tokenizer_only(p) if p.suffix == ".gguf" or p.is_dir() else load_tokenizer(p)
 
 
 def flag_problems(cfg: PrepareConfig, given: set[str]) -> list[str]:
-    """One 'flag value: allowed' line per bad command-line value (checked before any work)."""
+    """The checks only a command line needs, beyond each field's own (checked when cfg was built):
+    one 'flag value: allowed' line per problem, before any work."""
     out = []
-    if cfg.format not in FORMATS:
-        out.append(f"--format {cfg.format!r}: choose one of {', '.join(FORMATS)}")
     missing = [p for p in cfg.inputs if not Path(p).is_file()]
     if missing:
         out.append(f"--inputs {missing[0]}: no such file")
     if "ppl_threshold" in given and not cfg.ppl_model:
         out.append(f"--ppl-threshold {cfg.ppl_threshold!r}: needs --ppl-model (the model whose perplexity "
                    "is thresholded); without it no sample would be filtered")
-    if not (math.isfinite(cfg.ppl_threshold) and cfg.ppl_threshold > 0):
-        out.append(f"--ppl-threshold {cfg.ppl_threshold!r}: must be a finite perplexity > 0 (InsCP: 15)")
-    if cfg.ppl_batch_size < 1:
-        out.append(f"--ppl-batch-size {cfg.ppl_batch_size}: must be >= 1")
-    if cfg.vocab_size is not None and cfg.vocab_size < 1:
-        out.append(f"--vocab-size {cfg.vocab_size}: must be >= 1")
     return out
 
 
-def _fail(lines: list[str], code: int):
-    for line in lines:
-        print(f"error: {line}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        _fail([message], 2)
-
-
 def main(argv: list[str] | None = None) -> dict:
-    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(PrepareConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "inputs":
-            parser.add_argument(flag, nargs="+", required=True)
-        elif f.type == "bool":
-            parser.add_argument(flag, action="store_true")
-        else:  # default None: tells a given flag from a defaulted one (--ppl-threshold needs --ppl-model)
-            kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=None)
-    args = parser.parse_args(argv)
-    given = {k for k, v in vars(args).items() if v is not None}
-    cfg = PrepareConfig(**{k: v for k, v in vars(args).items() if v is not None})
-    problems = flag_problems(cfg, given)
+    given = read_flags(PrepareConfig, argv, description=__doc__)
+    cfg = make(PrepareConfig, given)
+    problems = flag_problems(cfg, set(given))
     if problems:
-        _fail(problems, 2)
-    from model.chat import get_template
+        fail(problems)
     try:
         tokenizer = load_any_tokenizer(cfg.tokenizer)
         template = get_template(tokenizer, cfg.template, cfg.system) if cfg.format != "orgcp" else None
         score = None
         if cfg.ppl_model:
             # The model's own perplexity (InsCP): same tokenizer, so its ids are the samples' ids.
-            from model.checkpoint import load
-            from data.filter import llama_scorer
             model, _ = load(cfg.ppl_model, device=cfg.device)
             score = llama_scorer(model, pad_id=tokenizer.pad_id or 0)
         meta = prepare(cfg, tokenizer, template, score)
     except (DataError, ValueError, FileNotFoundError) as err:  # bad data / tokenizer / template: one line
-        _fail([str(err)], 1)
+        fail([str(err)], code=1)
     print(f"wrote {cfg.out}: {meta['n_docs']} samples, {meta['n_tokens']} tokens "
           f"({meta['n_loss_tokens']} with loss), {meta['dtype']}"
           + (f"; PPL filter kept {meta['ppl_filter']['counts']}" if score else ""))

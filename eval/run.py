@@ -16,7 +16,8 @@ numbers only):
     translation  PUD en<->th, en<->zh, BLEU and chrF++
     mtbench      two-turn answers in English and Thai (answers_<model>_<lang>.jsonl); graded
                  by --judge PATH when given (MT-bench has one split: --split does not apply);
-                 --tcot answers the TransLLM way (model/tcot.py), English thoughts saved too
+                 --tcot answers the TransLLM way (model/tcot.py; --tag: the run's target tag),
+                 English thoughts saved too
     quick        eval/quick.py's report: answer NLL, echo-free alignment, end-of-turn rate and two
                  sample answers, sized for under 2 minutes on 2 idle CPU cores for a 135M
                  model (`--quick` = `--suite quick`; --limit, --max-new-tokens, --batch-size
@@ -28,22 +29,21 @@ OUT/chart_*.svg are rewritten after every suite, so a long run keeps what it has
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from eval import alignment, answer_nll, mtbench, multiple_choice, perplexity, quick, refusal, translation
-from eval.common import (ChatRunner, data_file, device_problem, first_problem, parse_checked, read_jsonl,
-                         seed_everything)
+from data.flags import Flags, fail, flag, parse
+from eval.common import ChatRunner, data_file, device_problem, first_problem, read_jsonl, seed_everything
 from eval.report import write_report
 from model.chat import TEMPLATES, get_template
-from model.tcot import TCOTRunner
+from model.tcot import TCOTRunner, missing_tags, tag_problem, tcot_tags
 
 SUITES = ("alignment", "nll", "ppl", "mc", "refusal", "translation", "mtbench", "quick")
 DEFAULT_SUITES = "alignment,nll,ppl,mc,refusal,translation"
@@ -68,39 +68,47 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+@dataclass
+class EvalArgs(Flags):
+    """The flags of eval.run (see the module doc)."""
+    model: list[str] = flag(help="HF folder or .gguf (repeat, or list several)")
+    name: list[str] | None = flag(None, "display name per --model (default: from the path)")
+    suite: str | None = flag(None, f"comma-separated, from {','.join(SUITES)} (default: {DEFAULT_SUITES})")
+    quick: bool = flag(False, "= --suite quick: the ~2-minute report of eval/quick.py")
+    limit: int | None = flag(None, f"items per data set (0 = all; default {DEFAULTS['limit']})")
+    out: str = flag("runs/eval", "output folder: results.json, report.md, charts, answers")
+    split: str = flag("data", "holdout = the test halves: final evaluation only, never for tuning",
+                      choices=("data", "holdout"))
+    max_new_tokens: int | None = flag(None, f"answer budget (default {DEFAULTS['max_new_tokens']})")
+    batch_size: int | None = flag(None, f"prompts / sequences per batch (default {DEFAULTS['batch_size']})")
+    shots: int = flag(0, "k-shot examples for mc")
+    mc_style: str = flag("letters", "mc: score the answer letter or the choice's text", choices=("letters", "text"))
+    alignment_sets: str = flag("en,th,zh-Hant", "alignment prompt sets, comma-separated")
+    nll_sets: str | None = flag(None, f"answer-NLL sets, from {','.join(answer_nll.QA_SETS)} "
+                                      "(default: every set the split has)")
+    directions: str = flag(",".join(translation.DEFAULT_DIRECTIONS), "translation directions, comma-separated")
+    mtbench_langs: str = flag(",".join(MTBENCH_LANGS), "MT-bench languages, comma-separated")
+    tcot: bool = flag(False, "mtbench: the models are TransLLM models; answer by translation chain-of-thought")
+    tag: str = flag("TH", "--tcot: the target-language tag the models were trained with (train/transllm.py "
+                          "--tag); <TAG> must be a special token of each model's tokenizer", rule=tag_problem)
+    judge: str | None = flag(None, "judge model (HF folder or .gguf) for mtbench grading")
+    judge_max_new_tokens: int = flag(512, "room for the judge's explanation")
+    judge_template: str | None = flag(None, "the judge's chat template (default: its stored one)", choices=TEMPLATES)
+    template: str | None = flag(None, "chat template (default: recognised from the stored one)", choices=TEMPLATES)
+    system: str | None = flag(None, "system prompt for the evaluated models (default: the model's own)")
+    seed: int = flag(0, "random seed (k-shot picks, sampling)")
+    dtype: str = flag("float32", "weights dtype", choices=("float32", "bfloat16", "float16"))
+    device: str = flag(factory=lambda: "cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+
+
+def parse_args(argv=None) -> EvalArgs:
     """Parse and check every flag (one line naming the flag and its allowed values, exit 2); the
     paths are checked by check_paths."""
-    p = argparse.ArgumentParser(prog="eval.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", required=True, help="HF folder or .gguf (repeat for several)")
-    p.add_argument("--name", action="append", help="display name per --model (default: from the path)")
-    p.add_argument("--suite", help=f"comma-separated, from {','.join(SUITES)} (default: {DEFAULT_SUITES})")
-    p.add_argument("--quick", action="store_true", help="= --suite quick: the ~2-minute report of eval/quick.py")
-    p.add_argument("--limit", type=int, help=f"items per data set (0 = all; default {DEFAULTS['limit']})")
-    p.add_argument("--out", default="runs/eval")
-    p.add_argument("--split", choices=["data", "holdout"], default="data",
-                   help="holdout = the test halves: final evaluation only, never for tuning")
-    p.add_argument("--max-new-tokens", type=int, help=f"answer budget (default {DEFAULTS['max_new_tokens']})")
-    p.add_argument("--batch-size", type=int, help=f"default {DEFAULTS['batch_size']}")
-    p.add_argument("--shots", type=int, default=0, help="k-shot examples for mc")
-    p.add_argument("--mc-style", choices=["letters", "text"], default="letters")
-    p.add_argument("--alignment-sets", default="en,th,zh-Hant")
-    p.add_argument("--nll-sets", help=f"answer-NLL sets, from {','.join(answer_nll.QA_SETS)} "
-                                      "(default: every set the split has)")
-    p.add_argument("--directions", default=",".join(translation.DEFAULT_DIRECTIONS))
-    p.add_argument("--mtbench-langs", default=",".join(MTBENCH_LANGS))
-    p.add_argument("--tcot", action="store_true",
-                   help="mtbench: the models are TransLLM models; answer by translation chain-of-thought")
-    p.add_argument("--judge", help="judge model (HF folder or .gguf) for mtbench grading")
-    p.add_argument("--judge-max-new-tokens", type=int, default=512, help="room for the judge's explanation")
-    p.add_argument("--judge-template", choices=list(TEMPLATES), help="the judge's chat template (default: its stored one)")
-    p.add_argument("--template", choices=list(TEMPLATES), help="chat template (default: recognised from the stored one)")
-    p.add_argument("--system", help="system prompt for the evaluated models (default: the model's own)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parse_checked(p, argv, check_flags)
+    args = parse(EvalArgs, argv, prog="eval.run", description=__doc__)
+    problem = check_flags(args)
+    if problem:
+        fail([problem], "eval.run")
+    return args
 
 
 def check_flags(args) -> str | None:
@@ -128,6 +136,7 @@ def check_flags(args) -> str | None:
         (not (args.quick or "quick" in args.suites) or args.split == "data",
          "--split holdout: the quick suite reads the dev split only (it is for training runs)"),
         (not args.tcot or "mtbench" in args.suites, "--tcot: applies to --suite mtbench only"),
+        (args.tcot or args.tag == "TH", f"--tag {args.tag}: applies to --tcot only"),
         (not args.judge or "mtbench" in args.suites, "--judge: applies to --suite mtbench only"),
         (not args.judge_template or args.judge, "--judge-template: needs --judge"),
     ]
@@ -200,9 +209,14 @@ def check_paths(args) -> str | None:
     templates += [(args.judge, args.judge_template, None)] if args.judge and "mtbench" in args.suites else []
     for path, name, system in templates:
         try:
-            get_template(load_tokenizer_only(path), name, system=system)
+            tokenizer = load_tokenizer_only(path)
+            get_template(tokenizer, name, system=system)
         except (ValueError, OSError, KeyError) as err:
             return f"{path}: {err}"
+        missing = missing_tags(tokenizer, tcot_tags(args.tag)) if args.tcot and path in args.model else []
+        if missing:
+            return (f"--tag {args.tag}: {' '.join(missing)} is not a special token of the tokenizer of {path} "
+                    "(TCOT needs the tags its TransLLM run added: train/transllm.py --tag)")
     return None
 
 
@@ -273,7 +287,8 @@ def evaluate_model(model, tokenizer, args, name: str = "model", log=print, resul
             results[suite] = translation.evaluate(runner, _names(args.directions), limit, args.split)
         elif suite == "mtbench":
             results[suite] = {}
-            mt_runner = TCOTRunner(model, tokenizer, runner.template, runner.max_new_tokens) if args.tcot else runner
+            mt_runner = (TCOTRunner(model, tokenizer, runner.template, runner.max_new_tokens, tags=tcot_tags(args.tag))
+                         if args.tcot else runner)
             for lang in _names(args.mtbench_langs):
                 records = mtbench.generate_answers(mt_runner, mtbench.load_questions(lang, limit), name)
                 path = mtbench.write_answers(records, Path(args.out) / f"answers_{_safe(name)}_{lang}.jsonl")

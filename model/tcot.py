@@ -1,7 +1,9 @@
 """TransLLM inference: translation chain-of-thought (TCOT).
 
 Given a Thai question the trained model writes `<EN> {English question} <RESPONSE> {English
-answer} <TH> {Thai answer}`; the user sees only the text after `<TH>`. Greedy decoding.
+answer} <TH> {Thai answer}`; the user sees only the text after `<TH>`. Greedy decoding. `<TH>` is
+the target-language tag of the run (`--tag TH`, tcot_tags): the same tokens as the vocabulary
+extension added and the TCOT samples trained, passed here as `tags=tcot_tags(tag)`.
 
 Two details from the paper's code:
 - when the output misses a tag (the model stopped, or ran out of tokens, before `<RESPONSE>` or
@@ -21,13 +23,26 @@ from model.generate import Sampling
 from model.runner import Runner
 
 
+def tag_problem(tag: str) -> str | None:
+    """Why `tag` cannot be a target-language tag, or None (a flag rule: data.flags)."""
+    return None if tag and tag.isascii() and tag.isalnum() else "a target-language tag is letters/digits, e.g. TH or ZH"
+
+
 def tcot_tags(tag: str = "TH") -> tuple[str, str, str]:
     """The TransLLM special tokens for a target-language tag: ('<EN>', '<RESPONSE>', '<TAG>').
-    The one definition: vocabulary extension adds them, the formats train them, inference reads
-    them."""
-    if not tag or not tag.isalnum():
-        raise ValueError(f"--tag {tag!r}: a target-language tag is letters/digits, e.g. TH or ZH")
+    The one definition: vocabulary extension (model/vocab.py) adds them, the formats
+    (data/formats.tcot, recovery) train them, inference (below) reads them."""
+    problem = tag_problem(tag)
+    if problem:
+        raise ValueError(f"--tag {tag!r}: {problem}")
     return ("<EN>", "<RESPONSE>", f"<{tag}>")
+
+
+def missing_tags(tokenizer, tags) -> list[str]:
+    """The tags that are not one special token of the tokenizer (a model that never went through
+    TransLLM stage 0 with this --tag): TCOT on it would read the tag as plain text."""
+    special = getattr(tokenizer, "special_tokens", None) or {}
+    return [t for t in tags if t not in special]
 
 
 TAGS = tcot_tags("TH")

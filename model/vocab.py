@@ -8,7 +8,7 @@ same context and compute carry more Thai.
 
 How the merge keeps the old model intact:
 - old pieces keep their ids, scores and order; new pieces are appended as NORMAL pieces, then
-  the tags (`<EN>`, `<RESPONSE>`, `<TH>`) as CONTROL pieces, all at the protobuf wire level:
+  the tags (model.tcot.tcot_tags: `<EN>`, `<RESPONSE>`, `<TH>`) as CONTROL pieces, all at the protobuf wire level:
   a repeated field may occur anywhere in a message, so appending `field 1` records to the
   serialized ModelProto appends pieces (see model/spm.sp_piece);
 - only pieces containing a character of the target script are added (`script`), so text
@@ -33,17 +33,13 @@ import torch
 import torch.nn as nn
 
 from model.spm import SP_NORMAL, SentencePieceTokenizer, pb_field, sp_piece
+from model.tcot import tcot_tags
 
 SCRIPTS = {  # character classes of target scripts; a new piece must contain one such character
     "thai": "[\u0e00-\u0e7f]",
     "cjk": "[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]",
     "any": ".",
 }
-
-
-def tcot_tags(target: str = "TH") -> list[str]:
-    """The TransLLM special tokens for a target language tag, e.g. ['<EN>', '<RESPONSE>', '<TH>']."""
-    return ["<EN>", "<RESPONSE>", f"<{target.upper()}>"]
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, like: SentencePieceTokenizer | None = None,
@@ -115,10 +111,10 @@ def extend_tokenizer(base, texts: Iterable[str] | None = None, vocab_size: int =
 
     A SentencePiece base with `texts` gets a learnt target vocabulary merged in; any other
     tokenizer (byte-level BPE: SmolLM2, TinyStories) only gets the tags — report["skipped"]
-    says why. tags: default tcot_tags('TH'). The base tokenizer object is not modified.
+    says why. tags: default model.tcot.tcot_tags('TH'). The base tokenizer object is not modified.
     """
     import copy
-    tags = tcot_tags() if tags is None else tags
+    tags = list(tcot_tags()) if tags is None else list(tags)
     report: dict = {"old_vocab_size": base.vocab_size, "added_pieces": 0, "skipped": None}
     if isinstance(base, SentencePieceTokenizer) and texts is not None:
         texts = list(texts)

@@ -2,7 +2,7 @@
 
     python scripts/chat.py                                  # SmolLM2-135M-Instruct (GGUF), REPL
     python scripts/chat.py --model runs/inscp/final --prompt "你好，請介紹台北。"
-    python scripts/chat.py --model runs/transllm/stage3/final --tcot --prompt "..."   # TransLLM TCOT
+    python scripts/chat.py --model runs/transllm/stage3/final --tcot --prompt "..."   # TransLLM TCOT (--tag TH)
 
 Every flag is checked before the model is loaded (one line naming the flag and what it allows,
 exit 2). In the REPL a conversation that outgrows the model's context drops its oldest turns
@@ -12,45 +12,53 @@ Ctrl-D at the prompt, or an empty line, ends the session.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
+import torch
 
-import torch  # noqa: E402
-
-from eval.common import device_problem, first_problem, parse_checked  # noqa: E402
-from model import assets  # noqa: E402
-from model.chat import TEMPLATES, get_template  # noqa: E402
-from model.checkpoint import load  # noqa: E402
-from model.generate import Sampling  # noqa: E402
-from model.runner import Runner  # noqa: E402
-from model.tcot import TCOTChat, context_messages, render_with_tags  # noqa: E402
+from data.flags import Flags, flag, parse
+from eval.common import device_problem, first_problem
+from model import assets
+from model.chat import TEMPLATES, get_template
+from model.checkpoint import load
+from model.generate import Sampling
+from model.runner import Runner
+from model.tcot import TCOTChat, context_messages, missing_tags, render_with_tags, tag_problem, tcot_tags
 
 PROG = "chat.py"
 SAMPLING_FLAGS = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}  # the greedy defaults
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct GGUF)")
-    p.add_argument("--prompt", help="answer this one message and exit")
-    p.add_argument("--system", help="system prompt (default: the model's own, if its template has one)")
-    p.add_argument("--template", choices=list(TEMPLATES), help="default: recognised from the stored chat template")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="1 .. half the model's context")
-    p.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help=">= 0; 0 = all tokens")
-    p.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1 = all tokens")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0; 1 = none")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tcot", action="store_true",
-                   help="TransLLM model: it thinks <EN> query <RESPONSE> answer <TH> ...; show the English "
-                        "thoughts and answer with the text after <TH> (greedy, no streaming)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parse_checked(p, argv, flag_problem)
+@dataclass
+class ChatArgs(Flags):
+    """Chat with a model (REPL, or one answer with --prompt)."""
+    model: str | None = flag(None, "HF folder or .gguf file (default: SmolLM2-135M-Instruct GGUF)")
+    prompt: str | None = flag(None, "answer this one message and exit")
+    system: str | None = flag(None, "system prompt (default: the model's own, if its template has one)")
+    template: str | None = flag(None, "chat template (default: recognised from the stored one)", choices=TEMPLATES)
+    max_new_tokens: int = flag(256, "answer budget: 1 .. half the model's context")
+    temperature: float = flag(0.0, ">= 0; 0 = greedy")
+    top_k: int = flag(0, ">= 0; 0 = all tokens")
+    top_p: float = flag(1.0, "in (0, 1]; 1 = all tokens")
+    repetition_penalty: float = flag(1.0, "> 0; 1 = none")
+    seed: int = flag(0, "sampling seed")
+    tcot: bool = flag(False, "TransLLM model: it thinks <EN> query <RESPONSE> answer <TAG> ...; show the English "
+                             "thoughts and answer with the text after <TAG> (greedy, no streaming)")
+    tag: str = flag("TH", "--tcot: the target-language tag the model was trained with (train/transllm.py --tag); "
+                          "<TAG> must be a special token of its tokenizer", rule=tag_problem)
+    dtype: str = flag("float32", "weights dtype", choices=("float32", "bfloat16", "float16"))
+    device: str = flag(factory=lambda: "cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+
+    def problems(self) -> list[str]:
+        problem = flag_problem(self)
+        return super().problems() or ([problem] if problem else [])
+
+
+def parse_args(argv=None) -> ChatArgs:
+    return parse(ChatArgs, argv, prog=PROG, description=__doc__)
 
 
 def flag_problem(args) -> str | None:
@@ -64,6 +72,7 @@ def flag_problem(args) -> str | None:
         (math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0,
          f"--repetition-penalty {args.repetition_penalty}: must be > 0 (1 = none)"),
         (args.model is None or Path(args.model).exists(), f"--model {args.model}: no such file or folder"),
+        (args.tcot or args.tag == "TH", f"--tag {args.tag}: applies to --tcot only"),
     ]
     if args.tcot:  # TCOT decodes greedily: a sampling flag would be ignored without a word
         checks += [(getattr(args, k) == v, f"--{k.replace('_', '-')}: --tcot decodes greedily; drop the flag")
@@ -85,6 +94,10 @@ def setup(args, path):
         template = get_template(tokenizer, args.template, system=args.system)
     except ValueError as err:
         raise Fail(f"--template: {err}") from None
+    missing = missing_tags(tokenizer, tcot_tags(args.tag)) if args.tcot else []
+    if missing:
+        raise Fail(f"--tag {args.tag}: {' '.join(missing)} is not a special token of the tokenizer of {path} "
+                   "(TCOT needs the tags its TransLLM run added: train/transllm.py --tag)")
     half = model.config.max_seq_len // 2
     if args.max_new_tokens > half:
         raise Fail(f"--max-new-tokens {args.max_new_tokens}: must be 1..{half} "
@@ -104,7 +117,7 @@ class Session:
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             repetition_penalty=args.repetition_penalty, seed=args.seed))
         self.bot = TCOTChat(model, tokenizer, template, max_new_tokens=args.max_new_tokens, show_thoughts=True,
-                            write=write) if args.tcot else None
+                            write=write, tags=tcot_tags(args.tag)) if args.tcot else None
         self.messages: list[dict] = []
         self.trim_noted = False
 

@@ -14,36 +14,42 @@ only the tags: the extension is skipped, and the report says so.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
+from data.flags import Flags, at_least, flag, parse
+from data.readers import read_txt
+from model import vocab
+from model.checkpoint import load, save
+from model.tcot import tag_problem, tcot_tags
+from model.tokenizer import load_tokenizer
 
-from model import vocab  # noqa: E402
+
+@dataclass
+class ExtendArgs(Flags):
+    """Extend a model's vocabulary for a target language (TransLLM stage 0)."""
+    model: str = flag(help="HF folder or .gguf (or, with --tokenizer-only, a tokenizer file)")
+    texts: list[str] = flag(help="target-language .txt files, one sentence a line")
+    out: str = flag(help="output folder")
+    eval_texts: list[str] | None = flag(None, "held-out sentences for the before/after token count "
+                                              "(default: the last 10% of --texts)")
+    vocab_size: int = flag(2000, "size of the learnt target vocabulary", rule=at_least(1))
+    max_lines: int = flag(0, "train on the first N lines only (0 = all)", rule=at_least(0))
+    script: str = flag("thai", f"{'|'.join(vocab.SCRIPTS)} or a regex character class")
+    tag: str = flag("TH", "target-language tag: the tags become <EN> <RESPONSE> <TAG> (model/tcot.tcot_tags)",
+                    rule=tag_problem)
+    init: str = flag("mean", "new embedding rows", choices=("mean", "random"))
+    tokenizer_only: bool = flag(False, "extend and save only the tokenizer")
 
 
 def read_lines(paths: list[str], limit: int = 0) -> list[str]:
-    from data.readers import read_txt
     lines = [t for p in paths for t in read_txt(p)]
     return lines[:limit] if limit else lines
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="HF folder or .gguf (or, with --tokenizer-only, a tokenizer file)")
-    p.add_argument("--texts", nargs="+", required=True, help="target-language .txt files, one sentence a line")
-    p.add_argument("--eval-texts", nargs="*", default=None,
-                   help="held-out sentences for the before/after token count (default: the last 10%% of --texts)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--vocab-size", type=int, default=2000, help="size of the learnt target vocabulary")
-    p.add_argument("--max-lines", type=int, default=0, help="train on the first N lines only (0 = all)")
-    p.add_argument("--script", default="thai", help=f"{'|'.join(vocab.SCRIPTS)} or a regex character class")
-    p.add_argument("--tag", default="TH", help="target-language tag: <TH>")
-    p.add_argument("--init", choices=["mean", "random"], default="mean")
-    p.add_argument("--tokenizer-only", action="store_true", help="extend and save only the tokenizer")
-    return p.parse_args(argv)
+def parse_args(argv=None) -> ExtendArgs:
+    return parse(ExtendArgs, argv, prog="extend_vocab.py", description=__doc__)
 
 
 def main(argv=None) -> dict:
@@ -56,10 +62,9 @@ def main(argv=None) -> dict:
         held = read_lines(args.eval_texts)
     if args.max_lines:
         lines = lines[:args.max_lines]
-    tags = vocab.tcot_tags(args.tag)
+    tags = list(tcot_tags(args.tag))
     out = Path(args.out)
     if args.tokenizer_only:
-        from model.tokenizer import load_tokenizer
         old = load_tokenizer(args.model)
         new, report = vocab.extend_tokenizer(old, lines, args.vocab_size, args.script, tags)
         before, after = vocab.token_stats(old, held), vocab.token_stats(new, held)
@@ -67,7 +72,6 @@ def main(argv=None) -> dict:
                       tokens_per_sentence_after=round(after.per_sentence, 2), eval_sentences=before.sentences)
         new.save(out)
     else:
-        from model.checkpoint import load, save
         model, old = load(args.model)
         new, report = vocab.extend_model(model, old, lines, args.vocab_size, args.script, tags, args.init,
                                          eval_texts=held)

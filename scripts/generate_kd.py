@@ -12,43 +12,47 @@ by a resumed run.
 """
 from __future__ import annotations
 
-import argparse
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
+import torch
 
-import torch  # noqa: E402
+from data.flags import Flags, at_least, flag, parse
+from data.kd import generate_kd, model_identity, pending
+from data.readers import DataError
+from model import assets
+from model.chat import TEMPLATES, get_template
+from model.checkpoint import load
+from model.generate import Sampling
+from model.runner import Runner
 
-from data.kd import generate_kd, model_identity, pending  # noqa: E402
-from data.readers import DataError  # noqa: E402
-from model import assets  # noqa: E402
-from model.chat import TEMPLATES, get_template  # noqa: E402
-from model.checkpoint import load  # noqa: E402
-from model.generate import Sampling  # noqa: E402
-from model.runner import Runner  # noqa: E402
 
-
-def parse_args(argv=None):
-    default = ""
+def _default_instructions() -> str:
     try:
-        default = str(assets.shared_dir() / "data" / "instruct" / "alpaca_en_demo.jsonl")
+        return str(assets.shared_dir() / "data" / "instruct" / "alpaca_en_demo.jsonl")
     except FileNotFoundError:
-        pass
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="the ORIGINAL chat model: HF folder or .gguf (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--instructions", default=default, help="English instructions .jsonl {instruction, input?, id?}")
-    p.add_argument("--out", required=True, help="KD .jsonl (appended to; resumable)")
-    p.add_argument("--limit", type=int, default=0, help="first N instructions only (0 = all)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--template", choices=list(TEMPLATES), help="default: recognised from the stored chat template")
-    p.add_argument("--system", help="system prompt (default: the model's own; llama2: 'You are a helpful assistant.')")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--device", default=None, help="default: cuda when present")
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+        return ""
+
+
+@dataclass
+class KDArgs(Flags):
+    """Recovery-KD data for TransLLM: the frozen ORIGINAL chat model answers English instructions."""
+    out: str = flag(help="KD .jsonl (appended to; resumable)")
+    model: str | None = flag(None, "the ORIGINAL chat model: HF folder or .gguf (default: SmolLM2-135M-Instruct)")
+    instructions: str = flag(factory=_default_instructions, help="English instructions .jsonl {instruction, input?, id?}")
+    limit: int = flag(0, "first N instructions only (0 = all)", rule=at_least(0))
+    max_new_tokens: int = flag(256, "answer budget", rule=at_least(1))
+    batch_size: int = flag(8, "answers generated together", rule=at_least(1))
+    template: str | None = flag(None, "chat template (default: recognised from the stored one)", choices=TEMPLATES)
+    system: str | None = flag(None, "system prompt (default: the model's own; llama2: 'You are a helpful assistant.')")
+    dtype: str = flag("float32", "weights dtype", choices=("float32", "bfloat16", "float16"))
+    device: str | None = flag(None, "torch device (default: cuda when present)")
+    progress: bool = flag(True, "progress bar")
+
+
+def parse_args(argv=None) -> KDArgs:
+    return parse(KDArgs, argv, prog="generate_kd.py", description=__doc__)
 
 
 def main(argv=None) -> dict:
@@ -68,7 +72,7 @@ def main(argv=None) -> dict:
     template = get_template(tokenizer, args.template, args.system)
     t0 = time.perf_counter()
     runner = Runner(model, tokenizer, template, Sampling(max_new_tokens=args.max_new_tokens), args.batch_size)
-    tokens = generate_kd(runner, rows, out, identity, progress=not args.no_progress)
+    tokens = generate_kd(runner, rows, out, identity, progress=args.progress)
     dt = time.perf_counter() - t0
     print(f"wrote {len(rows)} answers ({tokens} tokens, {tokens / dt:,.1f} tokens/s) to {out}", flush=True)
     return {"new": len(rows), "done": already + len(rows), "tokens": tokens, "out": str(out)}

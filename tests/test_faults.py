@@ -49,7 +49,7 @@ from train.trainer import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "trainer_worker.py"
-TINY_RUN = ["--no-progress", "--eval_batches", "1", "--lr", "1e-2", "--warmup_steps", "0"]
+TINY_RUN = ["--no-progress", "--eval-batches", "1", "--lr", "1e-2", "--warmup-steps", "0"]
 
 
 def env(fault: str | None = None) -> dict:
@@ -71,7 +71,7 @@ def error_line(capsys, call, code: int = 1) -> str:
 
 
 def worker_run(out, *args) -> list[str]:
-    return ["--out_dir", str(out), *TINY_RUN, *args]
+    return ["--out-dir", str(out), *TINY_RUN, *args]
 
 
 def losses(out) -> dict[int, float]:
@@ -85,9 +85,9 @@ def tiny():
 
 
 def inscp_argv(base, out, *extra) -> list[str]:
-    return ["--model", str(base), "--out_dir", str(out), "--template", "llama2", "--seq_len", "64",
-            "--micro_batch_size", "2", "--max_steps", "2", "--save_every", "0", "--eval_every", "0",
-            "--no-progress", "--lr", "1e-3", *extra]
+    return ["--model", str(base), "--out-dir", str(out), "--template", "llama2", "--seq-len", "64",
+            "--micro-batch-size", "2", "--max-steps", "2", "--save-every", "0", "--eval-every", "0",
+            "--no-progress", "--no-report", "--lr", "1e-3", *extra]
 
 
 def story_file(path: Path, n: int = 30) -> Path:
@@ -102,7 +102,7 @@ def story_file(path: Path, n: int = 30) -> Path:
 def four_steps(tmp_path_factory):
     """An uninterrupted 4-step run with checkpoints at steps 2 and 4 (1 rank, in process)."""
     out = tmp_path_factory.mktemp("base") / "run"
-    run_main(worker.main, worker_run(out, "--max_steps", "4", "--save_every", "2", "--no-export"))
+    run_main(worker.main, worker_run(out, "--max-steps", "4", "--save-every", "2", "--no-export"))
     return out
 
 
@@ -133,7 +133,7 @@ def test_damaged_latest_checkpoint_resumes_from_the_newest_intact_one(tmp_path, 
     shutil.copytree(four_steps, out)
     damage(out / "checkpoints" / "step_00000004")
     capsys.readouterr()
-    worker.main(worker_run(out, "--max_steps", "4", "--save_every", "2", "--no-export", "--resume"))
+    worker.main(worker_run(out, "--max-steps", "4", "--save-every", "2", "--no-export", "--resume"))
     (warning,) = capsys.readouterr().err.strip().splitlines()  # one line, saying what and what instead
     assert warning.startswith("warning: checkpoint step_00000004 is damaged (") and says in warning
     assert warning.endswith("moved to damaged-step_00000004; resuming from step_00000002")
@@ -148,7 +148,7 @@ def test_no_intact_checkpoint_is_one_line(tmp_path, four_steps, capsys):
     shutil.copytree(four_steps, out)
     for step in ("step_00000002", "step_00000004"):
         _flip(out / "checkpoints" / step)
-    line = error_line(capsys, lambda: run_main(worker.main, worker_run(out, "--max_steps", "4", "--save_every", "2",
+    line = error_line(capsys, lambda: run_main(worker.main, worker_run(out, "--max-steps", "4", "--save-every", "2",
                                                                           "--no-export", "--resume")))
     assert "no intact checkpoint to resume from" in line and "step_00000004: __0_0.distcp" in line
     assert (out / "checkpoints" / "step_00000004").is_dir()  # nothing moved when nothing can be used
@@ -166,7 +166,7 @@ def test_nan_guard_names_only_a_verified_checkpoint(tmp_path, monkeypatch):
         return folder
     monkeypatch.setattr(checkpointing.CheckpointManager, "save", save_then_rot)
     monkeypatch.setenv("LANGSHIFT_FAULT", "nan_at_step@5")
-    cfg = parse_args(worker.WorkerConfig, worker_run(tmp_path, "--max_steps", "6", "--save_every", "2", "--no-export"))
+    cfg = parse_args(worker.WorkerConfig, worker_run(tmp_path, "--max-steps", "6", "--save-every", "2", "--no-export"))
     with pytest.raises(TrainingDiverged) as err:
         worker.make_trainer(cfg, distributed.init("cpu")).fit()
     assert str(err.value) == f"step 5: loss is nan; stopping (the last verified checkpoint is " \
@@ -178,7 +178,7 @@ def test_nan_guard_names_only_a_verified_checkpoint(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_second_run_in_a_busy_folder_is_refused_and_a_dead_owners_lock_taken_over(tmp_path, capsys):
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, str(WORKER), *worker_run(out, "--max_steps", "100000", "--no-export")],
+    first = subprocess.Popen([sys.executable, str(WORKER), *worker_run(out, "--max-steps", "100000", "--no-export")],
                              env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
@@ -186,7 +186,7 @@ def test_second_run_in_a_busy_folder_is_refused_and_a_dead_owners_lock_taken_ove
             assert first.poll() is None and time.time() < deadline, "the first run did not start"
             time.sleep(0.2)
         config_before = (out / "config.json").read_text()
-        line = error_line(capsys, lambda: run_main(worker.main, worker_run(out, "--max_steps", "3", "--resume")))
+        line = error_line(capsys, lambda: run_main(worker.main, worker_run(out, "--max-steps", "3", "--resume")))
         assert f"is in use by pid {first.pid} on " in line and "wait for that run to end" in line
         assert (out / "config.json").read_text() == config_before  # the refused run wrote nothing
         assert first.poll() is None  # and the first run goes on
@@ -195,7 +195,7 @@ def test_second_run_in_a_busy_folder_is_refused_and_a_dead_owners_lock_taken_ove
         first.wait()
     assert first.returncode == -signal.SIGKILL and (out / ".lock").exists()  # a dead owner's lock stays
 
-    run_main(worker.main, worker_run(out, "--max_steps", "2", "--no-export"))
+    run_main(worker.main, worker_run(out, "--max-steps", "2", "--no-export"))
     notice = capsys.readouterr().out
     assert f"took over the lock of {out} from pid {first.pid}" in notice and "no longer running" in notice
     assert sorted(losses(out)) == [1, 2] and not (out / ".lock").exists()  # released on exit
@@ -228,7 +228,7 @@ def test_token_cache_is_keyed_on_content_not_path(tiny, tmp_path):
 
 def test_resume_with_edited_data_is_refused(tiny, tmp_path, capsys):
     data = story_file(tmp_path / "stories.txt")
-    args = inscp_argv(tiny, tmp_path / "run", "--data", str(data), "--eval_split", "0", "--no-export")
+    args = inscp_argv(tiny, tmp_path / "run", "--data", str(data), "--eval-split", "0", "--no-export")
     inscp_main(args)
     data.write_text(data.read_text().replace("cat", "dog"), encoding="utf-8")
     line = error_line(capsys, lambda: run_main(inscp_main, args + ["--resume"]))
@@ -238,43 +238,43 @@ def test_resume_with_edited_data_is_refused(tiny, tmp_path, capsys):
 # ---- 5: flags -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flags,says", [
-    (["--seq_len", "0"], "--seq_len 0: must be >= 2"),
-    (["--micro_batch_size", "0"], "--micro_batch_size 0: must be >= 1"),
+    (["--seq-len", "0"], "--seq-len 0: must be >= 2"),
+    (["--micro-batch-size", "0"], "--micro-batch-size 0: must be >= 1"),
     (["--lr", "0"], "--lr 0.0: must be a finite number > 0"),
     (["--lr", "-1e-3"], "--lr -0.001: must be a finite number > 0"),  # parses as written
-    (["--lora_r", "0"], "--lora_r 0: must be >= 1"),
-    (["--log_every", "0"], "--log_every 0: must be >= 1"),
-    (["--lora_targets", "q_proj", "qkv"], "--lora_targets ['q_proj', 'qkv']: 'qkv' is not one of q_proj"),
-    (["--eval_batches", "0"], "--eval_batches 0: must be >= 1"),
-    (["--lora_dropout", "1.5"], "--lora_dropout 1.5: must be in [0, 1)"),
-    (["--save_every", "-1"], "--save_every -1: must be >= 0"),
+    (["--lora-r", "0"], "--lora-r 0: must be >= 1"),
+    (["--log-every", "0"], "--log-every 0: must be >= 1"),
+    (["--lora-targets", "q_proj", "qkv"], "--lora-targets ['q_proj', 'qkv']: 'qkv' is not one of q_proj"),
+    (["--eval-batches", "0"], "--eval-batches 0: must be >= 1"),
+    (["--lora-dropout", "1.5"], "--lora-dropout 1.5: must be in [0, 1)"),
+    (["--save-every", "-1"], "--save-every -1: must be >= 0"),
     (["--device", "tpu"], "--device 'tpu': choose cpu or cuda"),
-    (["--max_steps", "2", "--warmup_steps", "3"], "--warmup_steps 3: must be in [0, 2] (max_steps)"),
-    (["--eval_split", "1"], "--eval_split 1: must be 0 (no eval) or >= 2"),
-    (["--guard_loss_factor", "0.5"], "--guard_loss_factor 0.5: must be 0 (off) or a finite number > 1"),
+    (["--max-steps", "2", "--warmup-steps", "3"], "--warmup-steps 3: must be in [0, 2] (--max-steps)"),
+    (["--eval-split", "1"], "--eval-split 1: must be 0 (no eval) or >= 2"),
+    (["--guard-loss-factor", "0.5"], "--guard-loss-factor 0.5: must be 0 (off) or a finite number > 1"),
     (["--format", "sft"], "--format 'sft': choose one of inscp, orgcp"),
     (["--data", "no/such.txt"], "--data ['no/such.txt']: no/such.txt is not a file"),
-    (["--seq_len", "many"], "argument --seq_len: invalid int value: 'many'"),
+    (["--seq-len", "many"], "argument --seq-len: invalid int value: 'many'"),
 ])
 def test_bad_flag_is_one_line_before_any_work(tmp_path, capsys, flags, says):
     out = tmp_path / "run"
-    line = error_line(capsys, lambda: parse_args(InsCPConfig, ["--out_dir", str(out), *flags]), code=2)
+    line = error_line(capsys, lambda: parse_args(InsCPConfig, ["--out-dir", str(out), *flags]), code=2)
     assert line.startswith(f"error: {says}"), line
     assert not out.exists()
 
 
 def test_out_dir_that_is_a_file_and_the_default_warmup(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    line = error_line(capsys, lambda: parse_args(InsCPConfig, ["--out_dir", str(tmp_path / "file")]), code=2)
+    line = error_line(capsys, lambda: parse_args(InsCPConfig, ["--out-dir", str(tmp_path / "file")]), code=2)
     assert "is a file, not a folder" in line
     # the default warm-up (3 steps) never refuses a shorter run; an explicit one does (above)
-    assert parse_args(InsCPConfig, ["--max_steps", "1"]).warmup_steps == 1
-    assert parse_args(InsCPConfig, ["--max_steps", "8"]).warmup_steps == 3
+    assert parse_args(InsCPConfig, ["--max-steps", "1"]).warmup_steps == 1
+    assert parse_args(InsCPConfig, ["--max-steps", "8"]).warmup_steps == 3
 
 
 @pytest.mark.parametrize("flags,says", [
     (["--template", "nosuch"], "error: --template 'nosuch': unknown chat template 'nosuch'"),
-    (["--trainable_modules", "head"], "error: --trainable_modules 'head': no module of that name"),
+    (["--trainable-modules", "head"], "error: --trainable-modules 'head': no module of that name"),
 ])
 def test_flags_checked_against_the_model_before_tokenising(tiny, tmp_path, capsys, flags, says):
     out = tmp_path / "run"
@@ -286,7 +286,7 @@ def test_flags_checked_against_the_model_before_tokenising(tiny, tmp_path, capsy
 def test_transllm_checks_its_template_before_stage0_works(tiny, tmp_path, capsys):
     from train import transllm
     out = tmp_path / "run"
-    line = error_line(capsys, lambda: run_main(transllm.main, ["--model", str(tiny), "--out_dir", str(out), "--stage",
+    line = error_line(capsys, lambda: run_main(transllm.main, ["--model", str(tiny), "--out-dir", str(out), "--stage",
                                                                "0", "--template", "nosuch", "--no-progress"]))
     assert line.startswith("error: --template 'nosuch': unknown chat template")
     assert not out.exists()
@@ -296,8 +296,8 @@ def test_transllm_checks_its_template_before_stage0_works(tiny, tmp_path, capsys
 
 def test_runaway_learning_rate_stops_naming_the_verified_checkpoint(tmp_path, capsys):
     """--lr 1e6: one step saturates the model, the gradient is exactly 0 from then on."""
-    line = error_line(capsys, lambda: run_main(worker.main, worker_run(tmp_path, "--lr", "1e6", "--max_steps", "40",
-                                                                          "--save_every", "5", "--no-export")))
+    line = error_line(capsys, lambda: run_main(worker.main, worker_run(tmp_path, "--lr", "1e6", "--max-steps", "40",
+                                                                          "--save-every", "5", "--no-export")))
     assert "gradient norm has been exactly 0 since step 2 (10 steps" in line
     assert line.endswith(f"(the last verified checkpoint is {tmp_path / 'checkpoints' / 'step_00000010'})")
     assert max(losses(tmp_path)) == 10  # nothing after the stall was reported as training
@@ -345,8 +345,8 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_loses_nothing(tmp_path, c
             os.symlink("/dev/full", os.path.join(checkpoint_id, victim))
         return real(state, checkpoint_id=checkpoint_id)
     monkeypatch.setattr(checkpointing.dcp, "save", onto_full_disk)
-    line = error_line(capsys, lambda: run_main(worker.main, worker_run(tmp_path, "--max_steps", "6",
-                                                                          "--save_every", "2", "--no-export")))
+    line = error_line(capsys, lambda: run_main(worker.main, worker_run(tmp_path, "--max-steps", "6",
+                                                                          "--save-every", "2", "--no-export")))
     assert line == (f"error: cannot write the checkpoint to {tmp_path / 'checkpoints' / '.tmp-step_00000004'}"
                     f"{'/' + victim if victim.endswith('.pt') else ''}: No space left on device (ENOSPC); "
                     "the disk is full: free space there or choose another --out_dir")
@@ -363,13 +363,13 @@ def test_write_errors_are_one_line(tmp_path, capsys, monkeypatch, fault, says):
     """Read-only file systems and permissions cannot be made real here (tests run as root, where
     chmod stops nothing): the write raises the OSError the system would (train/faults.py)."""
     monkeypatch.setenv("LANGSHIFT_FAULT", fault)
-    line = error_line(capsys, lambda: run_main(worker.main, worker_run(tmp_path, "--max_steps", "3", "--export")))
+    line = error_line(capsys, lambda: run_main(worker.main, worker_run(tmp_path, "--max-steps", "3", "--export")))
     assert line.startswith("error: " + says.format(out=tmp_path)), line
 
 
 def test_a_file_in_the_way_and_a_failed_run_leaves_nothing(tiny, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    line = error_line(capsys, lambda: run_main(worker.main, worker_run(tmp_path / "file" / "run", "--max_steps", "1")))
+    line = error_line(capsys, lambda: run_main(worker.main, worker_run(tmp_path / "file" / "run", "--max-steps", "1")))
     assert line.startswith(f"error: cannot write the run folder to {tmp_path / 'file' / 'run'}: Not a directory "
                            "(ENOTDIR)")
     bad = tmp_path / "bad.jsonl"
@@ -392,12 +392,12 @@ def test_full_disk_while_tokenising_is_one_line_and_leaves_nothing(tiny, tmp_pat
 
 @pytest.mark.slow
 def test_killed_export_is_cleaned_up_by_the_next_run(tmp_path, capsys):
-    died = subprocess.run([sys.executable, str(WORKER), *worker_run(tmp_path, "--max_steps", "3", "--export")],
+    died = subprocess.run([sys.executable, str(WORKER), *worker_run(tmp_path, "--max-steps", "3", "--export")],
                           env=env("kill_in_export@3"), capture_output=True, text=True, timeout=240)
     assert died.returncode == -signal.SIGKILL
     (leftover,) = tmp_path.glob(".final.tmp-*")
     assert not (tmp_path / "final").exists()
-    run_main(worker.main, worker_run(tmp_path, "--max_steps", "3", "--export", "--resume"))
+    run_main(worker.main, worker_run(tmp_path, "--max-steps", "3", "--export", "--resume"))
     out = capsys.readouterr().out
     assert f"removed {leftover}, left by an interrupted export" in out
     assert not list(tmp_path.glob(".final.*")) and (tmp_path / "final" / "model.safetensors").is_file()
@@ -419,7 +419,7 @@ def no_worker_traceback(stderr: str) -> bool:
 @pytest.mark.slow
 def test_torchrun_bad_flag_and_bad_data_print_one_error_line(tiny, tmp_path):
     out = tmp_path / "run"
-    flag = torchrun("--out_dir", str(out), "--lr", "-1e-3")
+    flag = torchrun("--out-dir", str(out), "--lr", "-1e-3")
     assert flag.returncode != 0 and no_worker_traceback(flag.stderr)
     assert [x for x in flag.stderr.splitlines() if x.startswith("error")] == \
         ["error: --lr -0.001: must be a finite number > 0"]  # rank 0 only
@@ -462,9 +462,9 @@ def test_single_document_trains_without_an_eval_split(tiny, tmp_path, capsys):
     one = story_file(tmp_path / "one.txt", 1)
     summary = inscp_main(inscp_argv(tiny, tmp_path / "run", "--data", str(one), "--no-export"))
     assert summary["step"] == 2 and summary["eval_loss"] is None
-    notes = [x for x in capsys.readouterr().out.splitlines() if x.startswith("note: ") and "--eval_split" in x]
-    assert notes == [f"note: {one} has fewer than --eval_split 20 records, so none is held out: no eval loss "
-                     "(pass --eval_data FILE, or a smaller --eval_split)"]
+    notes = [x for x in capsys.readouterr().out.splitlines() if x.startswith("note: ") and "--eval-split" in x]
+    assert notes == [f"note: {one} has fewer than --eval-split 20 records, so none is held out: no eval loss "
+                     "(pass --eval-data FILE, or a smaller --eval-split)"]
     assert not list((tmp_path / "run" / "tokens").glob("*/eval"))
 
 

@@ -23,8 +23,9 @@ def base(tmp_path):
 
 def argv(base, out, *extra):
     # TinyStories' tokenizer has no chat template of its own: name one (llama2 needs no special tokens)
-    return ["--model", str(base), "--out_dir", str(out), "--template", "llama2", "--seq_len", "64", "--micro_batch_size", "2",
-            "--max_steps", "3", "--save_every", "0", "--eval_every", "0", "--no-progress", "--lr", "1e-3", *extra]
+    return ["--model", str(base), "--out-dir", str(out), "--template", "llama2", "--seq-len", "64", "--micro-batch-size", "2",
+            "--max-steps", "3", "--save-every", "0", "--eval-every", "0", "--no-progress", "--no-report", "--lr", "1e-3",
+            *extra]
 
 
 def write(path, text):
@@ -49,8 +50,8 @@ def test_inscp_lora_run_exports_a_loadable_model(base, tmp_path):
 
 
 def test_orgcp_full_finetune_on_bundled_sample(base, tmp_path):
-    summary = main(argv(base, tmp_path / "run", "--format", "orgcp", "--finetune", "full", "--max_steps", "1",
-                        "--warmup_steps", "0"))
+    summary = main(argv(base, tmp_path / "run", "--format", "orgcp", "--finetune", "full", "--max-steps", "1",
+                        "--warmup-steps", "0"))
     assert summary["step"] == 1 and summary.get("adapter") is None
     meta = json.loads(next((tmp_path / "run" / "tokens").glob("orgcp-*/train/meta.json")).read_text())
     assert meta["format"] == "orgcp" and str(SAMPLES / "zh_tw.txt") in meta["inputs"]
@@ -76,13 +77,13 @@ def test_malformed_jsonl_line(base, tmp_path, capsys):
 
 
 def test_sequence_longer_than_context(base, tmp_path, capsys):
-    msg = one_line_error(capsys, argv(base, tmp_path / "r", "--seq_len", "4096"))
-    assert "--seq_len 4096" in msg and "512" in msg
+    msg = one_line_error(capsys, argv(base, tmp_path / "r", "--seq-len", "4096"))
+    assert "--seq-len 4096" in msg and "512" in msg
 
 
 def test_out_dir_of_another_run(base, tmp_path, capsys):
     data = write(tmp_path / "en.txt", "\n".join([EN] * 20))
-    main(argv(base, tmp_path / "run", "--data", str(data), "--max_steps", "1", "--warmup_steps", "0"))
+    main(argv(base, tmp_path / "run", "--data", str(data), "--max-steps", "1", "--warmup-steps", "0"))
     msg = one_line_error(capsys, argv(base, tmp_path / "run", "--data", str(data), "--lr", "5e-4"))
     assert "--resume" in msg
 
@@ -91,3 +92,47 @@ def test_bad_flag_value(base, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv(base, tmp_path / "r", "--format", "sft"))
     assert exit_.value.code == 2 and "--format 'sft': choose one of inscp, orgcp" in capsys.readouterr().err
+
+
+TINY_REPORT = ["--report", "--report-sizes.nll-items", "1", "--report-sizes.prompts", "1",
+               "--report-sizes.max-new-tokens", "4", "--report-sizes.batch-size", "4",
+               "--report-sizes.nll-batch-size", "2"]
+
+
+def test_report_compares_the_starting_model_with_the_result_and_a_resume_reuses_the_first(base, tmp_path, capsys):
+    from eval import answer_nll, quick
+    from model.chat import get_template
+    need(quick.data_files)
+    data = write(tmp_path / "en.txt", "\n".join([EN] * 20))
+    run = tmp_path / "run"
+    summary = main(argv(base, run, "--data", str(data), "--max-steps", "2", "--eval-split", "0", *TINY_REPORT))
+    out = capsys.readouterr().out
+    saved = json.loads((run / "report.json").read_text())
+    before, after = saved["models"]["before"], saved["models"]["after"]
+    # the before side is the starting model itself, the after side the merged final model (which
+    # the run changed): the same answer NLL from a fresh load of each
+    template = get_template(load(base)[1], "llama2")
+    for side, path in ((before, base), (after, summary["final"])):
+        fresh = answer_nll.evaluate(load(path)[0], template, limit=1, max_chars=400, batch_size=2)
+        assert {k: side["answer_nll"][k]["answer_nll"] for k in fresh} == pytest.approx(
+            {k: v["answer_nll"] for k, v in fresh.items()}, rel=1e-5)
+    assert after["answer_nll"]["alpaca-en"]["answer_nll"] != before["answer_nll"]["alpaca-en"]["answer_nll"]
+    md = (run / "report.md").read_text()
+    assert "before vs after" in md and "What is the capital of France?" in md
+    assert {p.name for p in run.glob("chart_*.svg")} >= {"chart_nll.svg", "chart_rate.svg"}
+    # the printed table: answer NLL before -> after with the change in %, one row per prompt language
+    a, b = before["answer_nll"]["alpaca-en"]["answer_nll"], after["answer_nll"]["alpaca-en"]["answer_nll"]
+    assert f"| answer NLL alpaca-en | {a:.3f} -> {b:.3f} ({(b - a) / a:+.1%}) |" in out
+    assert "| zh-Hant prompts answered in zh-Hant, no echo |" in out and "| end-of-turn rate |" in out
+    first = (run / "report_before.json").read_text()
+    main(argv(base, run, "--data", str(data), "--max-steps", "2", "--eval-split", "0", "--resume", *TINY_REPORT))
+    assert "computed by an earlier start of this run" in capsys.readouterr().out
+    assert (run / "report_before.json").read_text() == first
+
+
+def test_report_needs_the_export(base, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv(base, tmp_path / "r", "--report", "--no-export"))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: --report: needs --export (the report reads the merged final "
+                                               "model); or pass --no-report")

@@ -182,25 +182,28 @@ def test_kd_file_from_another_model_is_refused(tmp_path):
     assert build.read_kd(kd, expect=other)[0]["output"] == "Hello"
 
 
-def test_warmup_is_bounded_by_the_longest_stage_and_each_stage_takes_its_share(capsys):
+def test_warmup_is_bounded_by_max_steps_and_each_stage_takes_its_share(capsys):
     from train.config import parse_args
-    from train.transllm import TransLLMConfig, stage_config
-    cfg = parse_args(TransLLMConfig, ["--warmup_steps", "3", "--steps1", "4", "--steps2", "2", "--steps3", "3"])
-    assert [stage_config(cfg, k).warmup_steps for k in (1, 2, 3)] == [3, 2, 3]
-    assert [stage_config(cfg, k).max_steps for k in (1, 2, 3)] == [4, 2, 3]
+    from train.transllm import TransLLMConfig, stage_config, stages
+    cfg = parse_args(TransLLMConfig, ["--warmup-steps", "3", "--max-steps", "4", "--stage2.steps", "2",
+                                      "--stage3.steps", "3"])
+    assert [stage_config(cfg, s).warmup_steps for s in stages(cfg)] == [3, 2, 3]
+    assert [stage_config(cfg, s).max_steps for s in stages(cfg)] == [4, 2, 3]
     with pytest.raises(SystemExit):
-        parse_args(TransLLMConfig, ["--warmup_steps", "5", "--steps1", "4", "--steps2", "2", "--steps3", "3"])
+        parse_args(TransLLMConfig, ["--warmup-steps", "5", "--max-steps", "4", "--stage2.steps", "2",
+                                    "--stage3.steps", "3"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == "error: --warmup_steps 5: must be in [0, 4] (the longest stage (steps1/steps2/steps3))"
+    assert err == "error: --warmup-steps 5: must be in [0, 4] (--max-steps)"
 
 
 # ------------------------------------------------------------------ end to end
 def argv(base, out, *extra):
     # TinyStories' tokenizer stores no chat template: name one (llama2 needs no special tokens)
-    return ["--model", str(base), "--out_dir", str(out), "--template", "llama2", "--seq_len", "128", "--steps1", "2", "--steps2", "2",
-            "--steps3", "2", "--mono_lines", "10", "--english_lines", "2", "--parallel_lines", "8", "--qa_limit", "4",
-            "--kd_limit", "4", "--kd_max_new_tokens", "8", "--translate_max_new_tokens", "8",
-            "--translation_pairs", "4", "--lr1", "1e-2", "--lr2", "1e-2", "--no-progress", *extra]
+    return ["--model", str(base), "--out-dir", str(out), "--template", "llama2", "--seq-len", "128", "--max-steps", "2",
+            "--mono-lines", "10", "--english-lines", "2", "--parallel-lines", "8", "--qa-limit", "4",
+            "--kd-limit", "4", "--kd-max-new-tokens", "8", "--translate-max-new-tokens", "8",
+            "--translation-pairs", "4", "--stage1.lr", "1e-2", "--stage2.lr", "1e-2", "--no-progress", "--no-report",
+            *extra]
 
 
 def test_stage2_without_stage1_adapter_is_one_line(tmp_path, capsys):
@@ -217,7 +220,7 @@ def test_stage2_without_stage1_adapter_is_one_line(tmp_path, capsys):
 
 
 def test_stage_all_on_tinystories_carries_the_adapter(tmp_path):
-    from train.transllm import TransLLMConfig, main, stage_dir, start_model
+    from train.transllm import TransLLMConfig, main, stage_dir, stages, start_model
     from train.config import parse_args
     base = need(assets.tinystories_dir)
     args = argv(base, tmp_path / "run", "--stage", "all")
@@ -227,7 +230,7 @@ def test_stage_all_on_tinystories_carries_the_adapter(tmp_path):
     assert report["skipped"] and report["new_vocab_size"] == 2051  # byte-level BPE: tags only
     ids = torch.tensor([[1, 400, 500, 2048, 2049, 2050]])
     for k in (2, 3):  # stage k starts exactly where stage k-1 ended
-        started, _ = start_model(cfg, k)
+        started, _ = start_model(cfg, stages(cfg)[k - 1])
         ended, _ = load(results[k - 1]["final"])
         with torch.no_grad():  # LoRA merged vs. applied: equal up to fp32 rounding
             a, b = started.eval()(ids), ended(ids)
@@ -249,3 +252,59 @@ def test_stage_all_on_tinystories_carries_the_adapter(tmp_path):
     assert len(kd) == 4
     final, tok = load(results[3]["final"])
     assert tok.special_tokens["<TH>"] == 2050 and final.config.vocab_size == 2051
+
+
+def test_tag_zh_is_one_special_id_in_the_vocabulary_the_samples_and_tcot_inference(tmp_path, capsys, monkeypatch):
+    """--tag ZH end to end: stage 0 adds <ZH> (not <TH>), the stage-3 TCOT samples hold that very id
+    once each, TCOT inference appends and splits on it, and chat.py / eval.run refuse a --tag
+    whose <TAG> the model does not have."""
+    import io
+    import sys
+    from eval import quick, run as eval_run
+    from model.tcot import tcot_tags
+    from scripts import chat
+    from train.transllm import main
+    base = need(assets.tinystories_dir)
+    need(quick.data_files)
+    out = tmp_path / "run"
+    results = main(argv(base, out, "--stage", "all", "--tag", "ZH", "--max-steps", "1", "--report",
+                        "--report-sizes.nll-items", "1", "--report-sizes.prompts", "1",
+                        "--report-sizes.max-new-tokens", "4", "--report-sizes.batch-size", "4"))
+    final, tok = load(results[3]["final"])
+    en, response, zh = (tok.special_tokens[t] for t in tcot_tags("ZH"))
+    assert "<TH>" not in tok.special_tokens and zh == 2050
+    assert json.loads((out / "stage0" / "vocab_report.json").read_text())["tag_ids"] == {
+        "<EN>": 2048, "<RESPONSE>": 2049, "<ZH>": 2050}
+    # the TCOT samples stage 3 trained on: <EN> q <RESPONSE> a <ZH> t, each tag one trained id
+    (tcot_dir,) = (out / "stage3" / "tokens").glob("tcot-*/train")
+    samples = [TokenFile(tcot_dir).doc(i) for i in range(len(TokenFile(tcot_dir)))]
+    assert samples
+    for ids, mask in samples:
+        assert [ids.count(t) for t in (en, response, zh)] == [1, 1, 1]
+        assert mask[ids.index(zh)] and ids.index(en) < ids.index(response) < ids.index(zh)
+        assert "<ZH>" in tok.decode(ids) and "<TH>" not in tok.decode(ids)
+    # TCOT inference with tags=tcot_tags("ZH"): a missing <ZH> is appended as that one id
+    template = get_template(tok, "llama2")
+    gen = FakeGen([en] + tok.encode(" Where? ") + [response] + tok.encode(" Here."), tok.encode(" There."))
+    runner = TCOTRunner(final, tok, template, generate_fn=gen, tags=tcot_tags("ZH"))
+    assert runner.answer([[{"role": "user", "content": "Where?"}]]) == ["There."]
+    assert gen.prompts[1][-1] == zh and gen.prompts[1].count(zh) == 1
+    # the run's report: the final model answered the Thai prompts by TCOT (no end-of-turn rate)
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["models"]["stage 0"]["alignment"]["th"]["end_of_turn"] is not None
+    assert saved["models"]["final"]["alignment"]["th"]["end_of_turn"] is None
+    assert (out / "report.md").exists() and (out / "report_before.json").exists()
+    # the front ends: --tag ZH works, --tag TH is refused in one line
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    model_dir = results[3]["final"]
+    assert chat.main(["--model", model_dir, "--template", "llama2", "--tcot", "--tag", "ZH",
+                      "--max-new-tokens", "4", "--prompt", "在哪裡？"]) == 0
+    assert chat.main(["--model", model_dir, "--template", "llama2", "--tcot", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("chat.py: error: --tag TH: <TH> is not a special token"), err
+    with pytest.raises(SystemExit) as exit_:
+        eval_run.main(["--model", model_dir, "--template", "llama2", "--suite", "mtbench", "--tcot",
+                       "--out", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "--tag TH: <TH> is not a special token" in err, err

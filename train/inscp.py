@@ -5,24 +5,23 @@ Every text becomes one conversation: an empty user turn, the text as the assista
 system prompt, loss on every token. Because the model keeps seeing its own template, it learns the
 new language *as something it says in a chat*, and keeps answering in the language it is asked.
 
-    torchrun --nproc_per_node=2 train/inscp.py --data zh.txt qa.jsonl --format inscp --out_dir runs/x
-    python train/inscp.py          # the embedded default: SmolLM2-135M-Instruct on data/samples/, CPU, minutes
+    torchrun --nproc_per_node=2 train/inscp.py --data zh.txt qa.jsonl --format inscp --out-dir runs/x
+    python -m train.inscp          # the embedded default: SmolLM2-135M-Instruct on data/samples/, CPU, minutes
 
-Every flag maps onto one field of InsCPConfig (and TrainConfig): `python train/inscp.py --help`.
+Every flag maps onto one field of InsCPConfig (and TrainConfig): `python -m train.inscp --help`. The
+run ends with the before/after report of train/report.py (`--no-report`: without).
 """
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # torchrun train/inscp.py from a checkout
-
-from data.formats import TEXT_FORMATS  # noqa: E402
-from train import distributed, runlock  # noqa: E402
-from train.config import _meta, choice, parse_args  # noqa: E402
-from train.recipe import RecipeConfig, add_adapters, chat_template, load_model, loaders, token_files  # noqa: E402
-from train.trainer import Trainer, run_main  # noqa: E402
+from data.flags import flag
+from data.formats import TEXT_FORMATS
+from train import distributed, report, runlock
+from train.config import parse_args
+from train.recipe import RecipeConfig, add_adapters, chat_template, load_model, loaders, model_path, token_files
+from train.trainer import Trainer, run_main
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
 
@@ -30,18 +29,11 @@ SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
 @dataclass
 class InsCPConfig(RecipeConfig):
     """InsCP / orgCP continual pre-training. The defaults are the embedded demo run."""
-    format: str = field(default="inscp", metadata=_meta("inscp (chat-template wrapped) | orgcp (plain text + eos)"))
-    data: list[str] = field(default_factory=lambda: [str(SAMPLES / "zh_tw.txt"), str(SAMPLES / "zh_tw_qa.jsonl")],
-                            metadata=_meta("training data files (.txt / .jsonl)"))
-    out_dir: str = field(default="runs/inscp", metadata=_meta("run folder", hash=False))
-    max_steps: int = field(default=24, metadata=_meta("optimizer steps of the whole run"))
-    seq_len: int = field(default=256, metadata=_meta("tokens per packed block"))
-    lr: float = field(default=5e-4, metadata=_meta("peak learning rate"))
-    eval_every: int = field(default=8, metadata=_meta("eval loss every N steps; 0 = only at the end", hash=False))
-    save_every: int = field(default=8, metadata=_meta("checkpoint every N steps; 0 = only at the end", hash=False))
+    format: str = flag("inscp", "inscp: wrapped in the chat template; orgcp: plain text + eos", choices=TEXT_FORMATS)
 
-    DEFAULT_WARMUP = 3  # --warmup_steps when not given (at most --max_steps)
-    RULES = {"format": choice(*TEXT_FORMATS)}
+    defaults = {"data": [str(SAMPLES / "zh_tw.txt"), str(SAMPLES / "zh_tw_qa.jsonl")], "out_dir": "runs/inscp",
+                "max_steps": 24, "seq_len": 256, "lr": 5e-4, "eval_every": 8, "save_every": 8}
+    DEFAULT_WARMUP = 3  # --warmup-steps when not given (at most --max-steps)
 
 
 def done_message(summary: dict, out_dir: str) -> str:
@@ -62,14 +54,22 @@ def main(argv=None) -> dict:
         model, tokenizer = load_model(cfg)
         # InsCP renders the model's own template with no system prompt (data/formats.inscp).
         template = chat_template(tokenizer, cfg.template)
+        if cfg.report:
+            report.check_data()
         add_adapters(model, cfg)
         runlock.hold(cfg.out_dir)
         train_dir, eval_dir = token_files(cfg, cfg.format, tokenizer, template, info)
         train_loader, eval_loader = loaders(cfg, train_dir, eval_dir, tokenizer, info)
+        # the fresh adapter adds exactly 0 (B = 0): this is the starting model's report
+        before = report.before_report(cfg.out_dir, model_path(cfg), lambda: (model, tokenizer, template),
+                                      cfg.report_sizes, info, {"template": cfg.template}) if cfg.report else None
         trainer = Trainer(model, cfg, train_loader, eval_loader, tokenizer=tokenizer, dist_info=info)
         summary = trainer.fit()
         if info.is_main:
             print(done_message(summary, cfg.out_dir), flush=True)
+        if before is not None:
+            summary["report"] = report.after_report(cfg.out_dir, before, Path(cfg.out_dir) / "final",
+                                                    lambda tok: chat_template(tok, cfg.template), cfg.report_sizes, info)
         return summary
 
 

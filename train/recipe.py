@@ -9,20 +9,25 @@ import contextlib
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from data.flags import at_least, flag, fraction, positive, zero_or_at_least
 from data.loader import BatchLoader, PackedDataset
 from data.prepare import PrepareConfig, prepare, sources
 from data.readers import DataError
 from data.tokenfile import VERSION, NoSamples, TokenFile, tokenizer_identity
+from eval.quick import QuickSizes
+from model import assets
 from model.chat import get_template
+from model.checkpoint import load
 from model.lora import ALL_LINEAR, apply_lora
 from train import distributed
-from train.config import TrainConfig, _meta, at_least, choice, fraction, positive, zero_or_at_least
+from train.config import TrainConfig
 from train.errors import TrainError, writing
+from train.report import sizes_problems
 
 
 def _missing(paths: list[str]) -> str | None:
@@ -30,9 +35,11 @@ def _missing(paths: list[str]) -> str | None:
     return f"{bad[0]} is not a file" if bad else None
 
 
-def _unknown(names: list[str], known: list[str]) -> str | None:
-    bad = [n for n in names if n not in known]
-    return f"{bad[0]!r} is not one of {', '.join(known)}" if bad else None
+def _linear_layers(names: list[str]) -> str | None:
+    bad = [n for n in names if n not in ALL_LINEAR]
+    if bad:
+        return f"{bad[0]!r} is not one of {', '.join(ALL_LINEAR)}"
+    return None if names else f"name at least one of {', '.join(ALL_LINEAR)}"
 
 
 def _device(device: str) -> str | None:
@@ -45,50 +52,53 @@ def _device(device: str) -> str | None:
 
 @dataclass
 class RecipeConfig(TrainConfig):
-    model: str = field(default="", metadata=_meta("HF folder or .gguf to start from (default: SmolLM2-135M-Instruct GGUF)"))
-    data: list[str] = field(default_factory=list, metadata=_meta("training data files (.txt / .jsonl)"))
-    eval_data: list[str] = field(default_factory=list, metadata=_meta(
-        "held-out data files; none: every eval_split-th record of --data is held out instead"))
-    eval_split: int = field(default=20, metadata=_meta("without --eval_data hold out every N-th record; 0 = no eval"))
-    template: str = field(default="", metadata=_meta("chat template, a model.chat.TEMPLATES name (default: recognised from the stored one)"))
-    text_field: str = field(default="text", metadata=_meta("text field of .jsonl text files"))
-    paragraphs: bool = field(default=False, metadata=_meta(".txt files: blank-line separated documents (default: one per line)"))
-    seq_len: int = field(default=512, metadata=_meta("tokens per packed block"))
-    micro_batch_size: int = field(default=4, metadata=_meta("blocks per micro-batch per rank"))
-    finetune: str = field(default="lora", metadata=_meta("lora | full"))
-    lora_r: int = field(default=16, metadata=_meta("LoRA rank"))
-    lora_alpha: float = field(default=32.0, metadata=_meta("LoRA alpha (scale = alpha / r)"))
-    lora_dropout: float = field(default=0.05, metadata=_meta("dropout on the LoRA path"))
-    lora_targets: list[str] = field(default_factory=lambda: list(ALL_LINEAR), metadata=_meta(
-        "linear layers that get adapters"))
-    trainable_modules: list[str] = field(default_factory=list, metadata=_meta(
-        "modules trained in full beside LoRA, e.g. embed_tokens lm_head"))
-    device: str = field(default="", metadata=_meta("cpu | cuda (default: cuda when present)", hash=False))
+    model: str = flag("", "HF folder or .gguf to start from (default: SmolLM2-135M-Instruct GGUF)",
+                      rule=lambda v: None if not v or Path(v).exists() else "no such file or folder")
+    data: list[str] = flag([], "training data files (.txt / .jsonl)", rule=_missing)
+    eval_data: list[str] = flag([], "held-out data files; none: every eval_split-th record of --data is held out "
+                                    "instead", rule=_missing)
+    eval_split: int = flag(20, "without --eval-data hold out every N-th record; 0 = no eval",
+                           rule=zero_or_at_least(2, " (no eval)"))
+    template: str = flag("", "chat template, a model.chat.TEMPLATES name (default: recognised from the stored one)")
+    text_field: str = flag("text", "text field of .jsonl text files", rule=lambda v: None if v else "must not be empty")
+    paragraphs: bool = flag(False, ".txt files: blank-line separated documents (default: one per line)")
+    seq_len: int = flag(512, "tokens per packed block",
+                        rule=at_least(2, " (a block holds tokens and their next-token targets)"))
+    micro_batch_size: int = flag(4, "blocks per micro-batch per rank", rule=at_least(1))
+    finetune: str = flag("lora", "LoRA adapters, or every weight", choices=("lora", "full"))
+    lora_r: int = flag(16, "LoRA rank", rule=at_least(1))
+    lora_alpha: float = flag(32.0, "LoRA alpha (scale = alpha / r)", rule=positive)
+    lora_dropout: float = flag(0.05, "dropout on the LoRA path", rule=fraction)
+    lora_targets: list[str] = flag(list(ALL_LINEAR), "linear layers that get adapters", rule=_linear_layers)
+    trainable_modules: list[str] = flag([], "modules trained in full beside LoRA, e.g. embed_tokens lm_head")
+    device: str = flag("", "cpu | cuda (default: cuda when present)", rule=_device, hash=False)
+    report: bool = flag(True, "end with eval.quick's report of the starting model and of the result side by side: "
+                              "out_dir/report.md, report.json, chart_*.svg (rank 0; train/report.py)", hash=False)
+    report_sizes: QuickSizes = flag(QuickSizes(), "how much the report reads and generates (eval.quick.QuickSizes)",
+                                    hash=False)
 
-    RULES = {
-        "model": lambda v: None if not v or Path(v).exists() else "no such file or folder",
-        "data": _missing, "eval_data": _missing,
-        "eval_split": zero_or_at_least(2, " (no eval)"), "text_field": lambda v: None if v else "must not be empty",
-        "seq_len": at_least(2, " (a block holds tokens and their next-token targets)"),
-        "micro_batch_size": at_least(1), "finetune": choice("lora", "full"), "lora_r": at_least(1),
-        "lora_alpha": positive, "lora_dropout": fraction,
-        "lora_targets": lambda v: _unknown(v, ALL_LINEAR) or (None if v else f"name at least one of {', '.join(ALL_LINEAR)}"),
-        "device": _device,
-    }
+    def problems(self) -> list[str]:
+        out = super().problems() + sizes_problems(self.report_sizes)
+        if self.report and not self.export:
+            out.append("--report: needs --export (the report reads the merged final model); or pass --no-report")
+        return out
+
+
+def model_path(cfg: RecipeConfig) -> str:
+    """The model the run starts from: --model, else the demo's SmolLM2-135M-Instruct GGUF."""
+    return cfg.model or str(assets.smollm2_gguf())
 
 
 def load_model(cfg: RecipeConfig):
     """-> (Llama in fp32 on CPU, tokenizer); the Trainer moves it to the device when sharding."""
-    from model import assets
-    from model.checkpoint import load
-    path = cfg.model or str(assets.smollm2_gguf())
+    path = model_path(cfg)
     try:
         model, tokenizer = load(path, dtype=torch.float32)
     except (FileNotFoundError, ValueError) as err:
         raise TrainError(f"--model: {err}") from None
     if cfg.seq_len > model.config.max_seq_len:
-        raise TrainError(f"--seq_len {cfg.seq_len} is above the model's context of {model.config.max_seq_len} "
-                         f"tokens ({path}): pass --seq_len {model.config.max_seq_len} or less")
+        raise TrainError(f"--seq-len {cfg.seq_len} is above the model's context of {model.config.max_seq_len} "
+                         f"tokens ({path}): pass --seq-len {model.config.max_seq_len} or less")
     return model, tokenizer
 
 
@@ -103,12 +113,12 @@ def chat_template(tokenizer, name: str = "", system: str | None = None):
 
 def add_adapters(model, cfg: RecipeConfig):
     """LoRA from outside the model (or nothing, for full fine-tuning). The seed makes every rank
-    draw the same A matrices. A --trainable_modules name that matches no module is refused."""
+    draw the same A matrices. A --trainable-modules name that matches no module is refused."""
     if cfg.finetune == "lora":
         modules = [n for n, _ in model.named_modules()]
         for wanted in cfg.trainable_modules:
             if not any(n == wanted or n.endswith("." + wanted) for n in modules):
-                raise TrainError(f"--trainable_modules {wanted!r}: no module of that name in the model "
+                raise TrainError(f"--trainable-modules {wanted!r}: no module of that name in the model "
                                  "(e.g. embed_tokens, lm_head, norm)")
         torch.manual_seed(cfg.seed)
         apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.trainable_modules)
@@ -124,7 +134,7 @@ def token_files(cfg: RecipeConfig, fmt: str, tokenizer, template, info: distribu
     against minutes of tokenising), not their paths, plus everything else that shapes the
     samples: format, template and system prompt, tokenizer identity, split, fields, options.
     A file edited in place therefore gets new token files; moving a file keeps its cache. A
-    split that leaves no eval record (fewer records than --eval_split) skips the eval with a
+    split that leaves no eval record (fewer records than --eval-split) skips the eval with a
     one-line note. A failure leaves no empty folders behind.
     """
     data = list(data if data is not None else cfg.data)
@@ -164,8 +174,8 @@ def _token_files(cfg, fmt, tokenizer, template, data, eval_data, options) -> tup
         except NoSamples:
             if eval_data:
                 raise
-            print(f"note: {', '.join(data)} has fewer than --eval_split {split} records, so none is held out: "
-                  "no eval loss (pass --eval_data FILE, or a smaller --eval_split)", flush=True)
+            print(f"note: {', '.join(data)} has fewer than --eval-split {split} records, so none is held out: "
+                  "no eval loss (pass --eval-data FILE, or a smaller --eval-split)", flush=True)
             return str(train_dir), None
         return str(train_dir), str(eval_dir)
     except (DataError, ValueError, FileNotFoundError) as err:  # NoSamples and bad ids are ValueErrors

@@ -2,151 +2,182 @@
 carried through all of them.
 
   0  vocabulary: learn a target SentencePiece vocabulary, merge it into the model's, add the tags
-     <EN> <RESPONSE> <TH>, grow embedding + head (model/vocab.py). A byte-level BPE model
-     (SmolLM2, TinyStories) skips the extension and only gets the tags.
-  1  target-language continual pre-training: monolingual text, plain (orgcp), lr 2e-4.
-  2  translation pre-training: English text + parallel pairs in both orders (orgcp), lr 2e-4.
-  3  transfer fine-tuning, lr 1e-4, loss on responses only, on a mix of TCOT samples (aligned
-     QA, and recovery-KD answers with their translation), recovery-KD samples (the ORIGINAL
-     model's own English answers) and translation SFT samples in both directions.
+     <EN> <RESPONSE> <TAG> (model.tcot.tcot_tags(--tag), <TH> by default), grow embedding + head
+     (model/vocab.py). A byte-level BPE model (SmolLM2, TinyStories) skips the extension and only
+     gets the tags.
+  1  target-language continual pre-training: monolingual text, plain (orgcp).
+  2  translation pre-training: English text + parallel pairs in both orders (orgcp).
+  3  transfer fine-tuning, loss on responses only, on a mix of TCOT samples (aligned QA, and
+     recovery-KD answers with their translation), recovery-KD samples (the ORIGINAL model's own
+     English answers) and translation SFT samples in both directions.
+
+Stages 1-3 are `Stage(name, build_data, steps, lr, seq_len)` (see `stages`): each trains for
+--max-steps at --lr on blocks of --seq-len tokens unless its own --stageK.steps / --stageK.lr /
+--stageK.seq-len says otherwise. The defaults are a small CPU demo; `--preset paper` gives the
+paper's values (stage 1/2: lr 2e-4, blocks of 512; stage 3: lr 1e-4, blocks of 2048; all the
+data), the command line's own flags still win.
 
 The adapter (r=64, alpha=128, dropout 0.05, all linear layers; embed_tokens and lm_head fully
 trainable) is carried: stage k+1 loads stage k's out_dir/stageK/adapter onto the stage-0 model
 with model.lora.load_adapter and continues training those very weights (optimizer state starts
 afresh at each stage, as its learning rate and data change). Each stage is one Trainer run in
-out_dir/stage{k}/ (config.json, metrics.jsonl, checkpoints/, final/, adapter/).
+out_dir/stage{k}/ (config.json, metrics.jsonl, checkpoints/, final/, adapter/). A run that
+includes stage 3 ends with the report of train/report.py: the stage-0 model vs the final one
+(Thai prompts answered by TCOT).
 
-    python train/transllm.py                       # embedded demo: SmolLM2-135M-Instruct, CPU, minutes
-    python train/transllm.py --stage all --model path/to/llama-2-7b-chat --template llama2 \\
-        --system "You are a helpful assistant." --steps1 2000 --steps2 2000 --steps3 1000 --seq_len 512
-    python train/transllm.py --stage 2 --out_dir runs/transllm     # needs runs/transllm/stage1/adapter
+    python -m train.transllm                       # embedded demo: SmolLM2-135M-Instruct, CPU, minutes
+    python -m train.transllm --preset paper --model path/to/llama-2-7b-chat --template llama2 \\
+        --system "You are a helpful assistant." --stage1.steps 2000 --stage2.steps 2000 --stage3.steps 1000
+    python -m train.transllm --stage 2 --out-dir runs/transllm     # needs runs/transllm/stage1/adapter
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # torchrun train/transllm.py from a checkout
+import torch
 
-import torch  # noqa: E402
-
-from data import kd  # noqa: E402
-from data import tcot as build  # noqa: E402
-from data.readers import DataError, read_txt  # noqa: E402
-from data.tokenfile import TokenFile, tokenizer_identity, write_token_file  # noqa: E402
-from model.generate import Sampling  # noqa: E402
-from model.runner import Runner  # noqa: E402
-from train import distributed, runlock  # noqa: E402
-from train.config import _meta, at_least, choice, parse_args, positive, zero_or_at_least  # noqa: E402
-from train.errors import TrainError, writing  # noqa: E402
-from train.recipe import RecipeConfig, add_adapters, chat_template, load_model, loaders, token_files  # noqa: E402
-from train.trainer import Trainer, run_main  # noqa: E402
+from data import kd
+from data import tcot as build
+from data.flags import at_least, flag, positive, problem_line
+from data.readers import DataError, read_txt
+from data.tokenfile import TokenFile, tokenizer_identity, write_token_file
+from model import assets, vocab
+from model.checkpoint import load, save
+from model.generate import Sampling
+from model.lora import load_adapter
+from model.runner import Runner
+from model.tcot import tag_problem, tcot_tags
+from train import distributed, report, runlock
+from train.config import parse_args
+from train.errors import TrainError, writing
+from train.recipe import RecipeConfig, add_adapters, chat_template, load_model, loaders, model_path, token_files
+from train.trainer import Trainer, run_main
 
 
 def _shared(*parts: str) -> str:
-    from model.assets import shared_dir
     try:
-        return str(shared_dir().joinpath(*parts))
+        return str(assets.shared_dir().joinpath(*parts))
     except FileNotFoundError:
         return ""
 
 
 @dataclass
-class TransLLMConfig(RecipeConfig):
-    """TransLLM stages 0-3. The defaults are the embedded demo run (tiny steps, small data)."""
-    stage: str = field(default="all", metadata=_meta("0 | 1 | 2 | 3 | all (0-3 in order)"))
-    out_dir: str = field(default="runs/transllm", metadata=_meta("run folder; stage k writes out_dir/stage{k}", hash=False))
-    system: str = field(default="", metadata=_meta("system prompt (default: the template's own; the paper: "
-                                                   "'You are a helpful assistant.' with llama2)"))
-    # stage 0
-    target_text: list[str] = field(default_factory=lambda: [_shared("data", "mono", "th_tud.txt")],
-                                   metadata=_meta("target-language monolingual .txt (stage 0 vocabulary, stage 1)"))
-    vocab_size: int = field(default=2000, metadata=_meta("learnt target vocabulary size (SentencePiece models)"))
-    vocab_lines: int = field(default=3000, metadata=_meta("lines of target_text the vocabulary is learnt on (0 = all)"))
-    script: str = field(default="thai", metadata=_meta("new pieces must contain a character of this script"))
-    tag: str = field(default="TH", metadata=_meta("target-language tag: <TH>"))
-    init: str = field(default="mean", metadata=_meta("new embedding rows: mean | random"))
-    # stage 1
-    steps1: int = field(default=4, metadata=_meta("stage 1 optimizer steps"))
-    lr1: float = field(default=2e-4, metadata=_meta("stage 1 learning rate"))
-    mono_lines: int = field(default=200, metadata=_meta("stage 1: first N lines of target_text (0 = all)"))
-    # stage 2
-    steps2: int = field(default=4, metadata=_meta("stage 2 optimizer steps"))
-    lr2: float = field(default=2e-4, metadata=_meta("stage 2 learning rate"))
-    english_text: list[str] = field(default_factory=lambda: [_shared("data", "mono", "en_wiki_demo.txt")],
-                                    metadata=_meta("English .txt for stage 2"))
-    english_lines: int = field(default=10, metadata=_meta("stage 2: first N English lines (0 = all)"))
-    parallel: str = field(default_factory=lambda: _shared("data", "parallel", "pud_en_th_zh.dev.jsonl"),
-                          metadata=_meta("parallel text: .jsonl with fields src/tgt, or the source .txt"))
-    parallel_target: str = field(default="", metadata=_meta("target .txt line-aligned with --parallel (.txt pairs)"))
-    src: str = field(default="en", metadata=_meta("source (English) field of --parallel / the QA data"))
-    tgt: str = field(default="th", metadata=_meta("target-language field of --parallel / the QA data"))
-    parallel_lines: int = field(default=100, metadata=_meta("first N pairs (0 = all)"))
-    # stage 3
-    steps3: int = field(default=4, metadata=_meta("stage 3 optimizer steps"))
-    lr3: float = field(default=1e-4, metadata=_meta("stage 3 learning rate"))
-    seq_len3: int = field(default=0, metadata=_meta("stage 3 tokens per block (0 = seq_len; the paper: 2048)"))
-    qa: str = field(default_factory=lambda: _shared("data", "qa", "xquad_en_th.dev.jsonl"),
-                    metadata=_meta("aligned QA .jsonl for TCOT samples ('' = none)"))
-    qa_limit: int = field(default=16, metadata=_meta("first N QA rows (0 = all)"))
-    qa_context: bool = field(default=False, metadata=_meta("put the passage in the query (long samples)"))
-    kd: str = field(default="", metadata=_meta("recovery-KD .jsonl of the ORIGINAL model (scripts/generate_kd.py); "
-                                               "'' = generate out_dir/data/kd.jsonl now"))
-    kd_instructions: str = field(default_factory=lambda: _shared("data", "instruct", "alpaca_en_demo.jsonl"),
-                                 metadata=_meta("English instructions for KD generated here"))
-    kd_limit: int = field(default=8, metadata=_meta("KD generated here: first N instructions"))
-    kd_max_new_tokens: int = field(default=48, metadata=_meta("KD generated here: answer length"))
-    tcot_translation: str = field(default="self", metadata=_meta(
-        "TCOT samples from KD answers: self (the model being trained translates) | file (--kd_translations) | none"))
-    kd_translations: str = field(default="", metadata=_meta(".jsonl {id, query, answer} in the target language"))
-    translate_max_new_tokens: int = field(default=48, metadata=_meta("self-translation answer length"))
-    translation_pairs: int = field(default=32, metadata=_meta("stage 3 translation SFT pairs per direction (0 = all)"))
-    # the paper's LoRA, carried through all stages
-    lora_r: int = field(default=64, metadata=_meta("LoRA rank"))
-    lora_alpha: float = field(default=128.0, metadata=_meta("LoRA alpha"))
-    trainable_modules: list[str] = field(default_factory=lambda: ["embed_tokens", "lm_head"],
-                                         metadata=_meta("modules trained in full beside LoRA"))
-    eval_split: int = field(default=0, metadata=_meta("hold out every N-th record of each stage's data; 0 = no eval"))
-    seq_len: int = field(default=256, metadata=_meta("tokens per block, stages 1-2 (the paper: 512)"))
-    micro_batch_size: int = field(default=2, metadata=_meta("blocks per micro-batch per rank"))
-    max_steps: int = field(default=1, metadata=_meta("unused: see steps1/steps2/steps3"))
+class StageConfig:
+    """One training stage's own values; one not given is the run's (--max-steps, --lr, --seq-len)."""
+    steps: int | None = flag(None, "optimizer steps (not given: --max-steps)", rule=at_least(1))
+    lr: float | None = flag(None, "peak learning rate (not given: --lr)", rule=positive)
+    seq_len: int | None = flag(None, "tokens per packed block (not given: --seq-len)", rule=at_least(2))
 
-    RULES = {
-        "stage": choice("0", "1", "2", "3", "all"), "init": choice("mean", "random"),
-        "tcot_translation": choice("self", "file", "none"),
-        "finetune": lambda v: None if v == "lora" else "TransLLM carries one LoRA adapter through its stages: use lora",
-        "steps1": at_least(1), "steps2": at_least(1), "steps3": at_least(1),
-        "lr1": positive, "lr2": positive, "lr3": positive, "vocab_size": at_least(1),
-        "vocab_lines": at_least(0, " (0 = all)"), "mono_lines": at_least(0, " (0 = all)"),
-        "english_lines": at_least(0, " (0 = all)"), "parallel_lines": at_least(0, " (0 = all)"),
-        "qa_limit": at_least(0, " (0 = all)"), "kd_limit": at_least(0, " (0 = all)"),
-        "translation_pairs": at_least(0, " (0 = all)"), "seq_len3": zero_or_at_least(2, " (= --seq_len)"),
-        "kd_max_new_tokens": at_least(1), "translate_max_new_tokens": at_least(1),
-    }
+
+@dataclass(frozen=True)
+class Stage:
+    """A training stage, resolved: what it trains on and how long, how fast, on which blocks."""
+    name: str                 # stage1 | stage2 | stage3: its flags (--stage1.lr) and folder (out_dir/stage1)
+    build_data: Callable      # (cfg, model, tokenizer, template) -> {format: [(.jsonl file, prepare options)]}
+    steps: int
+    lr: float
+    seq_len: int
+
+    @property
+    def number(self) -> int:
+        return int(self.name.removeprefix("stage"))
+
+
+@dataclass
+class TransLLMConfig(RecipeConfig):
+    """TransLLM stages 0-3. The defaults are the embedded demo run (tiny steps, small data);
+    --max-steps / --lr / --seq-len are every stage's, --stageK.steps / .lr / .seq-len one stage's."""
+    stage: str = flag("all", "the stage to run (all: 0-3 in order)", choices=("0", "1", "2", "3", "all"))
+    system: str = flag("", "system prompt (default: the template's own; the paper: 'You are a helpful assistant.' "
+                           "with llama2)")
+    # stage 0
+    target_text: list[str] = flag(factory=lambda: [_shared("data", "mono", "th_tud.txt")],
+                                  help="target-language monolingual .txt (stage 0 vocabulary, stage 1)")
+    vocab_size: int = flag(2000, "learnt target vocabulary size (SentencePiece models)", rule=at_least(1))
+    vocab_lines: int = flag(3000, "lines of target_text the vocabulary is learnt on (0 = all)",
+                            rule=at_least(0, " (0 = all)"))
+    script: str = flag("thai", "new pieces must contain a character of this script (model/vocab.SCRIPTS, or a "
+                               "regex character class); the report answers prompts in it by TCOT")
+    tag: str = flag("TH", "target-language tag: the TCOT tags are <EN> <RESPONSE> <TAG> (model/tcot.tcot_tags), "
+                          "in the vocabulary, the samples and at inference", rule=tag_problem)
+    init: str = flag("mean", "new embedding rows", choices=("mean", "random"))
+    # stage 1
+    mono_lines: int = flag(200, "stage 1: first N lines of target_text (0 = all)", rule=at_least(0, " (0 = all)"))
+    # stage 2
+    english_text: list[str] = flag(factory=lambda: [_shared("data", "mono", "en_wiki_demo.txt")],
+                                   help="English .txt for stage 2")
+    english_lines: int = flag(10, "stage 2: first N English lines (0 = all)", rule=at_least(0, " (0 = all)"))
+    parallel: str = flag(factory=lambda: _shared("data", "parallel", "pud_en_th_zh.dev.jsonl"),
+                         help="parallel text: .jsonl with fields src/tgt, or the source .txt")
+    parallel_target: str = flag("", "target .txt line-aligned with --parallel (.txt pairs)")
+    src: str = flag("en", "source (English) field of --parallel / the QA data")
+    tgt: str = flag("th", "target-language field of --parallel / the QA data")
+    parallel_lines: int = flag(100, "first N pairs (0 = all)", rule=at_least(0, " (0 = all)"))
+    # stage 3
+    qa: str = flag(factory=lambda: _shared("data", "qa", "xquad_en_th.dev.jsonl"),
+                   help="aligned QA .jsonl for TCOT samples ('' = none)")
+    qa_limit: int = flag(16, "first N QA rows (0 = all)", rule=at_least(0, " (0 = all)"))
+    qa_context: bool = flag(False, "put the passage in the query (long samples)")
+    kd: str = flag("", "recovery-KD .jsonl of the ORIGINAL model (scripts/generate_kd.py); '' = generate "
+                       "out_dir/data/kd.jsonl now")
+    kd_instructions: str = flag(factory=lambda: _shared("data", "instruct", "alpaca_en_demo.jsonl"),
+                                help="English instructions for KD generated here")
+    kd_limit: int = flag(8, "KD generated here: first N instructions", rule=at_least(0, " (0 = all)"))
+    kd_max_new_tokens: int = flag(48, "KD generated here: answer length", rule=at_least(1))
+    tcot_translation: str = flag("self", "TCOT samples from KD answers: self (the model being trained translates) | "
+                                         "file (--kd-translations) | none", choices=("self", "file", "none"))
+    kd_translations: str = flag("", ".jsonl {id, query, answer} in the target language")
+    translate_max_new_tokens: int = flag(48, "self-translation answer length", rule=at_least(1))
+    translation_pairs: int = flag(32, "stage 3 translation SFT pairs per direction (0 = all)",
+                                  rule=at_least(0, " (0 = all)"))
+    # the training stages' own values (the rest: the run's --max-steps / --lr / --seq-len)
+    stage1: StageConfig = flag(StageConfig(), "stage 1, target-language continual pre-training")
+    stage2: StageConfig = flag(StageConfig(), "stage 2, translation pre-training")
+    stage3: StageConfig = flag(StageConfig(lr=1e-4), "stage 3, transfer fine-tuning (the paper: lr 1e-4, "
+                                                     "blocks of 2048)")
+
+    # `--preset paper`: the paper's values (TransLLM, section 4 and its scripts): stages 1/2 at lr
+    # 2e-4 on blocks of 512, stage 3 at lr 1e-4 on blocks of 2048, LoRA r=64 alpha=128 dropout
+    # 0.05, all of every data set
+    presets = {"paper": ["--lr", "2e-4", "--seq-len", "512", "--stage3.lr", "1e-4", "--stage3.seq-len", "2048",
+                         "--lora-r", "64", "--lora-alpha", "128", "--lora-dropout", "0.05", "--mono-lines", "0",
+                         "--english-lines", "0", "--parallel-lines", "0", "--qa-limit", "0", "--kd-limit", "0",
+                         "--translation-pairs", "0"]}
+    # the demo; the paper's LoRA (carried through all stages, embeddings and head trained in full)
+    defaults = {"out_dir": "runs/transllm", "max_steps": 4, "lr": 2e-4, "seq_len": 256, "micro_batch_size": 2,
+                "eval_split": 0, "lora_r": 64, "lora_alpha": 128.0, "trainable_modules": ["embed_tokens", "lm_head"]}
 
     def problems(self) -> list[str]:
         out = super().problems()
+        if self.finetune != "lora":
+            out.append(problem_line("finetune", self.finetune,
+                                    "TransLLM carries one LoRA adapter through its stages: use lora"))
         if self.tcot_translation == "file" and not self.kd_translations:
-            out.append("--tcot_translation 'file': needs --kd_translations FILE")
+            out.append("--tcot-translation 'file': needs --kd-translations FILE")
+        for stage in stages(self):
+            if self.min_lr > stage.lr > 0:
+                out.append(f"--{stage.name}.lr {stage.lr!r}: must be >= --min-lr {self.min_lr!r}")
         return out
 
-    def warmup_bound(self) -> tuple[str, int]:
-        # each stage warms up for min(warmup_steps, its own steps) (stage_config)
-        return "the longest stage (steps1/steps2/steps3)", max(self.steps1, self.steps2, self.steps3)
+
+# ------------------------------------------------------------------ stages, paths and models
+def stages(cfg: TransLLMConfig) -> list[Stage]:
+    """Stages 1-3 with their data builders and resolved steps / lr / block length."""
+    def resolved(name: str, build_data) -> Stage:
+        own: StageConfig = getattr(cfg, name)
+        return Stage(name, build_data, cfg.max_steps if own.steps is None else own.steps,
+                     cfg.lr if own.lr is None else own.lr, cfg.seq_len if own.seq_len is None else own.seq_len)
+    return [resolved("stage1", target_cp_data), resolved("stage2", translation_cp_data),
+            resolved("stage3", transfer_data)]
 
 
-# ------------------------------------------------------------------ paths and models
 def stage_dir(cfg: TransLLMConfig, k: int) -> Path:
     return Path(cfg.out_dir) / f"stage{k}"
-
-
-def base_model_path(cfg: TransLLMConfig) -> str:
-    from model import assets
-    return cfg.model or str(assets.smollm2_gguf())
 
 
 def stage0_model(cfg: TransLLMConfig) -> Path:
@@ -170,41 +201,39 @@ def _lines(paths: list[str], limit: int) -> list[str]:
 
 def run_stage0(cfg: TransLLMConfig) -> dict:
     """Extend the tokenizer and model; write out_dir/stage0/model and vocab_report.json."""
-    from model import vocab
-    from model.checkpoint import save
     model, tokenizer = load_model(dataclasses.replace(cfg, seq_len=2))  # no context check here
     template_of(cfg, tokenizer)  # a bad --template stops the run here, before any stage works
     texts = _lines(cfg.target_text, 0)
     cut = max(1, len(texts) // 10)  # the last tenth is held out for the before/after token count
     train_texts = texts[:-cut][:cfg.vocab_lines] if cfg.vocab_lines else texts[:-cut]
-    new_tok, report = vocab.extend_model(model, tokenizer, train_texts, cfg.vocab_size, cfg.script,
-                                         vocab.tcot_tags(cfg.tag), cfg.init, eval_texts=texts[-cut:], seed=cfg.seed)
-    if report.get("skipped"):
-        print(f"stage 0: {report['skipped']}; only the tags {list(report['tag_ids'])} were added", flush=True)
-    print(f"stage 0: vocabulary {report['old_vocab_size']} -> {report['new_vocab_size']}"
-          + (f", tokens per {cfg.tag} sentence {report['tokens_per_sentence_before']} -> "
-             f"{report['tokens_per_sentence_after']}" if "tokens_per_sentence_after" in report else ""), flush=True)
+    new_tok, found = vocab.extend_model(model, tokenizer, train_texts, cfg.vocab_size, cfg.script,
+                                        list(tcot_tags(cfg.tag)), cfg.init, eval_texts=texts[-cut:], seed=cfg.seed)
+    if found.get("skipped"):
+        print(f"stage 0: {found['skipped']}; only the tags {list(found['tag_ids'])} were added", flush=True)
+    print(f"stage 0: vocabulary {found['old_vocab_size']} -> {found['new_vocab_size']}"
+          + (f", tokens per {cfg.tag} sentence {found['tokens_per_sentence_before']} -> "
+             f"{found['tokens_per_sentence_after']}" if "tokens_per_sentence_after" in found else ""), flush=True)
     out = stage0_model(cfg)
     save(model, new_tok, out)
-    report["base_model"] = base_model_path(cfg)
-    (stage_dir(cfg, 0) / "vocab_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    return {"stage": 0, "model": str(out), **report}
+    found["base_model"] = model_path(cfg)
+    (stage_dir(cfg, 0) / "vocab_report.json").write_text(json.dumps(found, indent=2, ensure_ascii=False))
+    return {"stage": 0, "model": str(out), **found}
 
 
-def start_model(cfg: TransLLMConfig, k: int):
-    """The model stage k trains: the stage-0 model with stage k-1's adapter loaded (stage 1: a
-    fresh adapter). -> (model, tokenizer)."""
-    from model.lora import load_adapter
+def start_model(cfg: TransLLMConfig, stage: Stage):
+    """The model a stage trains: the stage-0 model with the previous stage's adapter loaded
+    (stage 1: a fresh adapter). -> (model, tokenizer)."""
+    k = stage.number
     base = stage0_model(cfg)  # cfg: the run's config (out_dir = the run folder)
     if not (base / "config.json").exists():
         raise TrainError(f"--stage {k}: no stage-0 model at {base}; run --stage 0 (or all) first")
-    model, tokenizer = load_model(dataclasses.replace(stage_config(cfg, k), model=str(base)))
+    model, tokenizer = load_model(dataclasses.replace(stage_config(cfg, stage), model=str(base)))
     if k == 1:
         return add_adapters(model, cfg), tokenizer
     prev = stage_dir(cfg, k - 1) / "adapter"
     if not (prev / "adapter_model.safetensors").exists():
         raise TrainError(f"--stage {k}: no stage-{k - 1} adapter at {prev}; run --stage {k - 1} with this "
-                         f"--out_dir first")
+                         f"--out-dir first")
     try:
         load_adapter(model, prev)
     except (ValueError, FileNotFoundError) as err:
@@ -232,15 +261,22 @@ def _pairs(cfg: TransLLMConfig) -> list[tuple[str, str]]:
     return pairs[:cfg.parallel_lines] if cfg.parallel_lines else pairs
 
 
-def stage_data(cfg: TransLLMConfig, k: int, model=None, tokenizer=None, template=None) -> dict[str, list]:
-    """{format: [(jsonl file, prepare options)]} for stage k, written under out_dir/data/."""
-    if k == 1:
-        texts = _lines(cfg.target_text, cfg.mono_lines)
-        return {"orgcp": [(_write([{"text": t} for t in texts], "stage1_target.jsonl", cfg), {})]}
-    if k == 2:
-        texts = [{"text": t} for t in _lines(cfg.english_text, cfg.english_lines)]
-        return {"orgcp": [(_write(texts + build.translation_cp_texts(_pairs(cfg)), "stage2_translation_cp.jsonl",
-                                  cfg), {})]}
+def target_cp_data(cfg: TransLLMConfig, model=None, tokenizer=None, template=None) -> dict[str, list]:
+    """Stage 1, target-language continual pre-training: the first --mono-lines of --target-text, plain."""
+    texts = _lines(cfg.target_text, cfg.mono_lines)
+    return {"orgcp": [(_write([{"text": t} for t in texts], "stage1_target.jsonl", cfg), {})]}
+
+
+def translation_cp_data(cfg: TransLLMConfig, model=None, tokenizer=None, template=None) -> dict[str, list]:
+    """Stage 2, translation pre-training: English text + each parallel pair as one text, both orders."""
+    texts = [{"text": t} for t in _lines(cfg.english_text, cfg.english_lines)]
+    return {"orgcp": [(_write(texts + build.translation_cp_texts(_pairs(cfg)), "stage2_translation_cp.jsonl",
+                              cfg), {})]}
+
+
+def transfer_data(cfg: TransLLMConfig, model=None, tokenizer=None, template=None) -> dict[str, list]:
+    """Stage 3, transfer fine-tuning: TCOT samples (answer after <TAG>, --tag), recovery-KD samples
+    and translation SFT in both directions, each its own format."""
     out: dict[str, list] = {"tcot": [], "recovery": [], "translation": []}
     kd_rows = kd_for_stage3(cfg)
     out["recovery"].append((_write(build.recovery_rows(kd_rows), "stage3_recovery.jsonl", cfg), {}))
@@ -259,10 +295,10 @@ def stage_data(cfg: TransLLMConfig, k: int, model=None, tokenizer=None, template
     elif cfg.tcot_translation == "self":
         model.eval()  # no LoRA dropout while it translates
         translate = build.self_translator(model, tokenizer, template, cfg.translate_max_new_tokens,
-                                             progress=cfg.progress)
+                                          progress=cfg.progress)
         tcot_rows += build.tcot_from_kd(kd_rows, translate=translate, target_lang=target_lang)
     if tcot_rows:
-        out["tcot"].append((_write(tcot_rows, "stage3_tcot.jsonl", cfg), {}))
+        out["tcot"].append((_write(tcot_rows, "stage3_tcot.jsonl", cfg), {"tag": cfg.tag}))
     pairs = _pairs(cfg)
     pairs = pairs[-cfg.translation_pairs:] if cfg.translation_pairs else pairs
     forward, backward = build.translation_rows(pairs)
@@ -276,14 +312,13 @@ def stage_data(cfg: TransLLMConfig, k: int, model=None, tokenizer=None, template
 def kd_for_stage3(cfg: TransLLMConfig) -> list[dict]:
     """The recovery-KD rows: --kd checked against the ORIGINAL model's fingerprint, or generated
     now by the original model (resumable, out_dir/data/kd.jsonl)."""
-    original = base_model_path(cfg)
+    original = model_path(cfg)
     identity = build.model_identity(original)
     path = Path(cfg.kd) if cfg.kd else _data_dir(cfg) / "kd.jsonl"
     try:
         if not cfg.kd:
             rows, done = kd.pending(cfg.kd_instructions, path, identity, cfg.kd_limit)
             if rows:
-                from model.checkpoint import load
                 print(f"stage 3: recovery KD: the original model {original} answers {len(rows)} instructions "
                       f"({done} already done)", flush=True)
                 model, tokenizer = load(original, dtype=torch.float32)
@@ -309,32 +344,33 @@ def mix(parts: list[Path], out: Path, tokenizer, vocab_size: int) -> Path:
 
 
 # ------------------------------------------------------------------ stages 1-3
-def stage_config(cfg: TransLLMConfig, k: int) -> TransLLMConfig:
-    steps, lr = {1: (cfg.steps1, cfg.lr1), 2: (cfg.steps2, cfg.lr2), 3: (cfg.steps3, cfg.lr3)}[k]
-    seq = (cfg.seq_len3 or cfg.seq_len) if k == 3 else cfg.seq_len
-    return dataclasses.replace(cfg, stage=str(k), out_dir=str(stage_dir(cfg, k)), max_steps=steps, lr=lr, seq_len=seq,
-                               warmup_steps=min(cfg.warmup_steps, steps))
+def stage_config(cfg: TransLLMConfig, stage: Stage) -> TransLLMConfig:
+    """The Trainer's config for one stage: its steps, lr and block length, its own folder, and
+    min(--warmup-steps, its steps) of warm-up."""
+    return dataclasses.replace(cfg, stage=str(stage.number), out_dir=str(stage_dir(cfg, stage.number)),
+                               max_steps=stage.steps, lr=stage.lr, seq_len=stage.seq_len,
+                               warmup_steps=min(cfg.warmup_steps, stage.steps))
 
 
-def run_stage(cfg: TransLLMConfig, k: int, info) -> dict:
-    scfg = stage_config(cfg, k)
-    model, tokenizer = start_model(cfg, k)
+def run_stage(cfg: TransLLMConfig, stage: Stage, info) -> dict:
+    k, scfg = stage.number, stage_config(cfg, stage)
+    model, tokenizer = start_model(cfg, stage)
     template = template_of(scfg, tokenizer)
-    data = stage_data(scfg, k, model, tokenizer, template)
+    data = stage.build_data(scfg, model, tokenizer, template)
     train_dirs, eval_dirs = [], []
     for fmt, files in data.items():
         for path, options in files:
             tr, ev = token_files(scfg, fmt, tokenizer, template, info, data=[path], eval_data=[], **options)
             train_dirs.append(tr)
             eval_dirs += [ev] if ev is not None else []
-    vocab = model.config.vocab_size
+    vocab_size = model.config.vocab_size
     if len(train_dirs) > 1:  # the parts' folders are keyed on their content: so is the mix
         parts = json.dumps([str(d) for d in train_dirs + eval_dirs]).encode()
         root = Path(scfg.out_dir) / "tokens" / f"mix-{hashlib.sha256(parts).hexdigest()[:12]}"
         if info.is_main:
-            mix(train_dirs, root / "train", tokenizer, vocab)
+            mix(train_dirs, root / "train", tokenizer, vocab_size)
             if eval_dirs:
-                mix(eval_dirs, root / "eval", tokenizer, vocab)
+                mix(eval_dirs, root / "eval", tokenizer, vocab_size)
         distributed.barrier()
         train_dirs, eval_dirs = [root / "train"], ([root / "eval"] if eval_dirs else [])
     train_loader, eval_loader = loaders(scfg, train_dirs[0], eval_dirs[0] if eval_dirs else None, tokenizer, info)
@@ -350,20 +386,48 @@ def run_stage(cfg: TransLLMConfig, k: int, info) -> dict:
     return {"stage": k, **summary}
 
 
+# ------------------------------------------------------------------ the before/after report
+def before_report(cfg: TransLLMConfig, info) -> dict:
+    """The stage-0 model's quick report (train/report.py; reused from out_dir/report_before.json)."""
+    def start():
+        model, tokenizer = load(stage0_model(cfg), dtype=torch.float32)
+        return model, tokenizer, template_of(cfg, tokenizer)
+    return report.before_report(cfg.out_dir, str(stage0_model(cfg)), start, cfg.report_sizes, info,
+                                {"template": cfg.template, "system": cfg.system})
+
+
+def after_report(cfg: TransLLMConfig, before: dict, final: str, info) -> dict | None:
+    """The final model's report against the stage-0 one: prompts in the target script by TCOT."""
+    return report.after_report(
+        cfg.out_dir, before, final, lambda tok: template_of(cfg, tok), cfg.report_sizes, info,
+        names=("stage 0", "final"),
+        runner_of=lambda m, tok, t: report.TargetTCOTRunner(m, tok, t, cfg.report_sizes, cfg.script, cfg.tag))
+
+
 def main(argv=None) -> dict:
     cfg = parse_args(TransLLMConfig, argv)
-    stages = [0, 1, 2, 3] if cfg.stage == "all" else [int(cfg.stage)]
-    results = {}
+    numbers = [0, 1, 2, 3] if cfg.stage == "all" else [int(cfg.stage)]
+    training = {stage.number: stage for stage in stages(cfg)}
+    reporting = cfg.report and 3 in numbers  # the report compares the stage-0 model with the final one
+    results, before = {}, None
     with distributed.session(cfg.device or None) as info, writing("the TransLLM run", cfg.out_dir):
         runlock.hold(cfg.out_dir)
-        for k in stages:
+        if reporting:
+            report.check_data()
+        for k in numbers:
             if k == 0:
                 results[0] = distributed.on_main(run_stage0, cfg)
-            else:
-                results[k] = run_stage(cfg, k, info)
-        if info.is_main and 3 in results:
+                continue
+            if reporting and before is None:  # at the start, before the first training stage
+                before = before_report(cfg, info)
+            results[k] = run_stage(cfg, training[k], info)
+        if 3 in results:
             final = results[3].get("final")
-            print(f"done. model {final}\nchat (TCOT): python scripts/chat.py --tcot --model {final}", flush=True)
+            if before is not None:
+                results["report"] = after_report(cfg, before, str(stage_dir(cfg, 3) / "final"), info)
+            if info.is_main:
+                print(f"done. model {final}\nchat (TCOT): python scripts/chat.py --tcot --tag {cfg.tag} "
+                      f"--model {final}", flush=True)
     return results
 
 
