@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from model import quantize as quantize_lib
 from model.config import LlamaConfig
 from model.llama import Llama
+from model.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
 from model.gguf_tokenizer import tokenizer_from_gguf
 from model.tokenizer import load_tokenizer
 
@@ -234,3 +235,39 @@ def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes:
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+# ---- export of a trained model ----------------------------------------------------------------
+def model_from_state(state: dict[str, torch.Tensor], config: LlamaConfig, lora: LoRAConfig | None = None) -> Llama:
+    """A fresh, unsharded Llama (with the LoRA layout `lora` describes) holding `state`: the full
+    state dict of a trained model, HF names (LoRA tensors at `<layer>.lora_A/lora_B`). The
+    tensors are cloned, so merging LoRA into the result never writes into the caller's (with one
+    process they can share storage with the live training parameters). A missing or unexpected
+    tensor is refused, naming the first few."""
+    with torch.device("meta"):
+        model = Llama(config)
+    if lora:
+        apply_lora(model, list(lora.targets), lora.r, lora.alpha, lora.dropout, list(lora.trainable_modules))
+    missing, unexpected = model.load_state_dict({k: v.clone() for k, v in state.items()}, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"export: state dict mismatch, missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def export_trained(state: dict[str, torch.Tensor], config: LlamaConfig, tokenizer, final: str | os.PathLike,
+                   lora: LoRAConfig | None = None, adapter: str | os.PathLike | None = None) -> dict[str, str]:
+    """Write a trained model's full state dict as an HF folder `final` (LoRA merged into the base
+    weights: a plain model transformers loads) and, with `lora`, the adapter alone in PEFT's
+    layout into `adapter` first. -> {"final": path, "adapter": path (with lora)}."""
+    model = model_from_state(state, config, lora)
+    written = {}
+    if lora:
+        if adapter is None:
+            raise ValueError("export_trained: a LoRA model needs an adapter folder")
+        written["adapter"] = str(save_adapter(model, lora, adapter))
+        merge_lora(model)
+    written["final"] = str(save(model, tokenizer, final))
+    return written

@@ -18,10 +18,15 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import kernels
 from model.config import LlamaConfig
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in: autocast's, when it is on for x's device, else x's own."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 class RMSNorm(nn.Module):
@@ -245,8 +250,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, K * hd, bias="v_proj" in bias)
         self.o_proj = nn.Linear(H * hd, D, bias="o_proj" in bias)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None):
-        """x[B,T,D] -> [B,T,D]."""
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, segments: torch.Tensor | None = None):
+        """x[B,T,D] -> [B,T,D]. segments[B,T]: document ids of a packed block (then mask is None)."""
         B, T, _ = x.shape
         hd = self.config.head_dim
         q = self.q_proj(x).view(B, T, -1, hd).transpose(1, 2)  # [B,H,T,hd]
@@ -255,11 +260,14 @@ class Attention(nn.Module):
         q, k = kernels.apply_rope(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        out = self._attend(q, k, v, mask)
+        out = self._attend(q, k, v, mask, segments)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
-    def _attend(self, q, k, v, mask):
-        """q[B,H,T,hd], k/v[B,K,S,hd], mask None (causal) or bool [B,1,T,S] -> [B,H,T,hd]."""
+    def _attend(self, q, k, v, mask, segments=None):
+        """q[B,H,T,hd], k/v[B,K,S,hd], mask None (causal) or bool [B,1,T,S] -> [B,H,T,hd].
+        segments[B,T] (packed training, causal, no mask): kernels.attention keeps documents apart."""
+        if segments is not None:
+            return kernels.attention(q, k, v, segments=segments)
         backend = self.config.attention
         # Without a mask: causal, except for one query (a decoding step), which sees every key.
         # (SDPA's is_causal aligns the queries to the first keys, wrong for T=1 < S.)
@@ -297,8 +305,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache=None, segments=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, segments)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -320,14 +328,14 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # Activation checkpointing: recompute each block in backward instead of storing its
-        # activations. Set from outside (the trainer), read only in forward.
-        self.checkpoint_blocks = False
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, key_mask: torch.Tensor | None = None,
-                return_hidden: bool = False, segments: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens[B,T] -> logits[B,T,V] (or final hidden states [B,T,D] if return_hidden).
+                return_hidden: bool = False, segments: torch.Tensor | None = None,
+                loss_chunk_size: int = 4096) -> torch.Tensor:
+        """tokens[B,T] -> logits[B,T,V] (or final hidden states [B,T,D] if return_hidden), or with
+        labels[B,T] (next-token targets, already shifted; IGNORE_INDEX = no loss) the fp32 SUM of
+        their cross-entropy (see `loss_sum`).
 
         positions[B,T]: rotary positions (default: cache.length + 0..T-1).
         cache: a KVCache; the new keys/values are appended and cache.length advances by T.
@@ -346,16 +354,35 @@ class Llama(nn.Module):
         x = self.model.embed_tokens(tokens)
         cos, sin = (cache.rope(positions, x.dtype) if cache is not None
                     else rope_tables(self.config, positions, x.dtype))
-        mask = attention_mask(T, start + T, key_mask, tokens.device, segments)
+        # Packed training documents reach kernels.attention as ids (it never needs a dense
+        # [B,1,T,T] mask on GPU); padding and caches (generation) and eager attention use the mask.
+        packed = segments is not None and key_mask is None and cache is None and self.config.attention != "eager"
+        mask = None if packed else attention_mask(T, start + T, key_mask, tokens.device, segments)
         for block in self.model.layers:
-            if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, mask, cache)
+            x = block(x, cos, sin, mask, cache, segments if packed else None)
         if cache is not None:
             cache.length += T
         x = self.model.norm(x)
+        if labels is not None:
+            return self.loss_sum(x, labels, loss_chunk_size)
         return x if return_hidden else self.lm_head(x)
+
+    def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+        """hidden[B,T,D] (final norm applied), labels[B,T] -> fp32 scalar: the SUM of cross-entropy
+        over tokens whose label != IGNORE_INDEX (0 if there is none).
+
+        A sum, not a mean, so a trainer can divide by the loss-token count of a whole step. The
+        head and the loss are fused (kernels.linear_cross_entropy): `chunk_size` tokens' logits
+        exist at a time, never all [B*T, V]. Under autocast both inputs are cast to its dtype
+        (the kernel's gradients are computed in forward, outside autocast's reach).
+        """
+        flat = labels.reshape(-1)
+        count = (flat != kernels.IGNORE_INDEX).sum()
+        dtype = compute_dtype(hidden)
+        mean = kernels.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]).to(dtype),
+                                            self.lm_head.weight.to(dtype), flat, kernels.IGNORE_INDEX, chunk_size)
+        # The kernel divides by max(count, 1); multiplying back gives the exact sum.
+        return mean.float() * count
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None):

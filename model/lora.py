@@ -8,7 +8,9 @@ the adapter, as PEFT's bias="none" has it.
 
 `LoRALinear` subclasses nn.Linear and keeps the base matrix at `<name>.weight`, so the model's
 HF names (and checkpoint loading) are unchanged; the update lives at `<name>.lora_A/lora_B`.
-Adapters are saved in PEFT's layout (adapter_model.safetensors + adapter_config.json), which
+`apply_lora` returns a `LoRAConfig` that says what was applied; whoever saves or trains the
+adapter is handed it explicitly (the model carries no hidden LoRA attribute). Adapters are
+saved in PEFT's layout (adapter_model.safetensors + adapter_config.json), which
 `peft.PeftModel.from_pretrained` loads, and can be merged into a plain HF checkpoint.
 
 The low-rank path runs through `LoRAUpdate`, an autograd Function that saves only what backward
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,8 +32,32 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from model.llama import compute_dtype
+
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """What apply_lora did: rank, alpha, dropout, the adapted linear layers (leaf names) and the
+    modules trained in full beside them. `peft()` gives the same fields under PEFT's names."""
+    r: int
+    alpha: float
+    dropout: float
+    targets: tuple[str, ...]
+    trainable_modules: tuple[str, ...] = field(default=())
+
+    def peft(self) -> dict:
+        """The fields of PEFT's adapter_config.json that describe this adapter."""
+        return dict(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=list(self.targets),
+                    modules_to_save=list(self.trainable_modules))
+
+    @classmethod
+    def from_peft(cls, cfg: dict) -> "LoRAConfig":
+        """adapter_config.json's fields -> LoRAConfig."""
+        return cls(cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), tuple(cfg["target_modules"]),
+                   tuple(cfg.get("modules_to_save") or ()))
 
 
 class LoRALinear(nn.Linear):
@@ -59,7 +86,12 @@ class LoRALinear(nn.Linear):
         if self.merged:
             return y
         keep = dropout_keep_mask(x, self.dropout) if self.training else None
-        return y + LoRAUpdate.apply(x, self.lora_A, self.lora_B, keep, self.scale, self.dropout)
+        # One dtype inside LoRAUpdate, forward and backward: under autocast (bf16 compute, fp32
+        # A and B) its backward runs outside autocast, where mixed dtypes would not multiply.
+        # The casts are autograd ops, so A and B get fp32 gradients.
+        dtype = compute_dtype(x)
+        return y + LoRAUpdate.apply(x.to(dtype), self.lora_A.to(dtype), self.lora_B.to(dtype), keep, self.scale,
+                                    self.dropout)
 
     def delta(self) -> torch.Tensor:
         """The update as a full matrix, scale * B @ A, [out, in] (computed in fp32)."""
@@ -97,6 +129,11 @@ def _dropped(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tens
     return x if keep is None else x * keep / (1 - p)
 
 
+def _kept(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """x where keep is True, 0 elsewhere (dropout before its 1 / (1 - p) scale): one pass."""
+    return x if keep is None else x * keep
+
+
 def lora_update_reference(x, A, B, keep, scale: float, p: float) -> torch.Tensor:
     """The definition, differentiated by autograd: (dropout(x) A^T) B^T * scale.
 
@@ -106,38 +143,41 @@ def lora_update_reference(x, A, B, keep, scale: float, p: float) -> torch.Tensor
 
 
 class LoRAUpdate(torch.autograd.Function):
-    """lora_update_reference with a lean backward: saves x, the bool mask and xA = dropout(x) A^T
-    [N, r]; the dropped-out input is rebuilt from x and the mask when A's gradient needs it.
+    """lora_update_reference with a lean backward: saves x, the bool mask and u = c xk A^T [N, r],
+    where xk = x * keep (x where kept, 0 where dropped) and c = scale / (1 - p) (scale without a mask).
 
-    With g = grad_out * scale [N, out]:  dB = g^T xA,  d(xA) = g B,  dA = d(xA)^T dropout(x),
-    dx = dropout(d(xA) A)  (the same mask and 1/(1-p), since dropout is linear in x).
+    Both scalars (LoRA's alpha / r and inverted dropout's 1 / (1 - p)) ride on the [N, r]
+    product, so no full-size tensor is ever multiplied by a scalar:
+        out = u B^T,  dB = g^T u,  du = c (g B),  dA = du^T xk,  dx = (du A) * keep
+    with g = grad_out [N, out]; xk is rebuilt from x and the mask when A's gradient needs it.
     """
 
     @staticmethod
     def forward(ctx, x, A, B, keep, scale: float, p: float):
-        xa = F.linear(_dropped(x, keep, p), A)  # [..., r]
-        ctx.save_for_backward(x, A, B, keep, xa)
-        ctx.scale, ctx.p = scale, p
-        return F.linear(xa, B) * scale
+        c = scale / (1 - p) if keep is not None else scale  # no mask (eval, p == 0): no dropout
+        u = F.linear(_kept(x, keep), A) * c  # [..., r]
+        ctx.save_for_backward(x, A, B, keep, u)
+        ctx.c = c
+        return F.linear(u, B)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, A, B, keep, xa = ctx.saved_tensors
+        x, A, B, keep, u = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
-        g = (grad_out * ctx.scale).reshape(-1, B.shape[0])  # [N, out]
-        xa = xa.reshape(-1, A.shape[0])                      # [N, r]
-        grad_b = g.t() @ xa if need_b else None
-        grad_xa = g @ B                                      # [N, r]
-        grad_a = grad_xa.t() @ _dropped(x, keep, ctx.p).reshape(-1, A.shape[1]) if need_a else None
-        grad_x = _dropped((grad_xa @ A).view(x.shape), keep, ctx.p) if need_x else None
+        g = grad_out.reshape(-1, B.shape[0])  # [N, out]
+        u = u.reshape(-1, A.shape[0])          # [N, r]
+        grad_b = g.t() @ u if need_b else None
+        du = (g @ B) * ctx.c                   # [N, r]
+        grad_a = du.t() @ _kept(x, keep).reshape(-1, A.shape[1]) if need_a else None
+        grad_x = _kept((du @ A).view(x.shape), keep) if need_x else None
         return grad_x, grad_a, grad_b, None, None, None
 
 
 def apply_lora(model: nn.Module, targets: list[str] = ALL_LINEAR, r: int = 64, alpha: float = 128,
-               dropout: float = 0.05, trainable_modules: list[str] = ()) -> nn.Module:
+               dropout: float = 0.05, trainable_modules: list[str] = ()) -> LoRAConfig:
     """Swap every nn.Linear whose name ends in one of `targets` for a LoRALinear, freeze all
     other parameters except those of modules named in trainable_modules (e.g. embed_tokens,
-    lm_head: fully trained, as TransLLM does). Modifies and returns `model`."""
+    lm_head: fully trained, as TransLLM does). Modifies `model`; returns what was applied."""
     replaced = 0
     for name, module in list(model.named_modules()):
         leaf = name.rpartition(".")[2]
@@ -149,9 +189,7 @@ def apply_lora(model: nn.Module, targets: list[str] = ALL_LINEAR, r: int = 64, a
         raise ValueError(f"apply_lora: no nn.Linear named {targets} in the model")
     for name, p in model.named_parameters():
         p.requires_grad = ".lora_" in name or any(_in_module(name, m) for m in trainable_modules)
-    model.lora_config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
-                             modules_to_save=list(trainable_modules))
-    return model
+    return LoRAConfig(r, alpha, dropout, tuple(targets), tuple(trainable_modules))
 
 
 def _in_module(param_name: str, module: str) -> bool:
@@ -162,11 +200,10 @@ def lora_modules(model: nn.Module) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def lora_state_dict(model: nn.Module, lora: LoRAConfig) -> dict[str, torch.Tensor]:
     """Everything training changed: LoRA A/B and the fully trainable modules, by our names."""
-    config = model.lora_config
     return {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)
-            if ".lora_" in name or any(_in_module(name, m) for m in config["modules_to_save"])}
+            if ".lora_" in name or any(_in_module(name, m) for m in lora.trainable_modules)}
 
 
 def _to_peft_name(name: str) -> str:
@@ -181,14 +218,15 @@ def _from_peft_name(name: str) -> str:
     return name.removesuffix(".weight") if (".lora_A." in name or ".lora_B." in name) else name
 
 
-def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model: str = "") -> Path:
-    """Write adapter_model.safetensors + adapter_config.json (PEFT's layout) into folder."""
+def save_adapter(model: nn.Module, lora: LoRAConfig, folder: str | os.PathLike, base_model: str = "") -> Path:
+    """Write adapter_model.safetensors + adapter_config.json (PEFT's layout) into folder:
+    the tensors of `model` that `lora` (apply_lora's result) made trainable."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {_to_peft_name(k): v.contiguous() for k, v in lora_state_dict(model).items()}
+    state = {_to_peft_name(k): v.contiguous() for k, v in lora_state_dict(model, lora).items()}
     if getattr(model, "config", None) is not None and model.config.tie_embeddings:
         state.pop(PEFT_PREFIX + "lm_head.weight", None)  # the same matrix as embed_tokens
-    config = dict(model.lora_config, peft_type="LORA", task_type="CAUSAL_LM", bias="none",
+    config = dict(lora.peft(), peft_type="LORA", task_type="CAUSAL_LM", bias="none",
                   fan_in_fan_out=False, inference_mode=True, base_model_name_or_path=base_model)
     tmp = folder / "adapter_model.safetensors.tmp"
     save_file(state, tmp, metadata={"format": "pt"})
@@ -197,8 +235,9 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model: str = 
     return folder
 
 
-def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
-    """Apply the LoRA described by folder/adapter_config.json and load its weights."""
+def load_adapter(model: nn.Module, folder: str | os.PathLike) -> LoRAConfig:
+    """Apply the LoRA described by folder/adapter_config.json, load its weights into `model`
+    (in place) and return its LoRAConfig."""
     folder = Path(folder)
     for file in ("adapter_config.json", "adapter_model.safetensors"):
         if not (folder / file).exists():
@@ -206,9 +245,9 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     cfg = json.loads((folder / "adapter_config.json").read_text())
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{folder}/adapter_config.json: peft_type {cfg['peft_type']!r} is not LORA")
+    lora = LoRAConfig.from_peft(cfg)
     if not lora_modules(model):
-        apply_lora(model, cfg["target_modules"], cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0),
-                   cfg.get("modules_to_save") or [])
+        apply_lora(model, list(lora.targets), lora.r, lora.alpha, lora.dropout, list(lora.trainable_modules))
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for key, value in load_file(folder / "adapter_model.safetensors").items():
@@ -219,7 +258,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
                 raise ValueError(f"{folder}/adapter_model.safetensors: {key} has shape {tuple(value.shape)}, "
                                  f"model has {tuple(params[name].shape)}")
             params[name].copy_(value)
-    return model
+    return lora
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -235,11 +274,5 @@ def merge_lora(model: nn.Module) -> nn.Module:
             setattr(model.get_submodule(parent_name) if parent_name else model, leaf, plain)
     for p in model.parameters():
         p.requires_grad = True
-    model.__dict__.pop("lora_config", None)
     return model
 
-
-def merge_and_save(model: nn.Module, tokenizer, folder: str | os.PathLike):
-    """Merge the adapter into the weights and write a plain HF checkpoint."""
-    from model.checkpoint import save
-    return save(merge_lora(model), tokenizer, folder)

@@ -6,21 +6,22 @@ import torch
 from model.checkpoint import load, save
 from model.config import preset
 from model.llama import Llama
-from model.lora import (ALL_LINEAR, LoRALinear, LoRAUpdate, apply_lora, dropout_keep_mask, load_adapter,
-                        lora_modules, lora_update_reference, merge_lora, save_adapter)
+from model.lora import (ALL_LINEAR, LoRAConfig, LoRALinear, LoRAUpdate, apply_lora, dropout_keep_mask,
+                        load_adapter, lora_modules, lora_update_reference, merge_lora, save_adapter)
 from tests.conftest import need_module
 
 
 def lora_model(seed=0, **kw):
+    """-> (tiny Llama with a nonzero LoRA on every linear layer, in eval mode; its LoRAConfig)."""
     config = preset("tiny", vocab_size=300)
     model = Llama(config).init_weights(seed=seed)
-    apply_lora(model, r=4, alpha=8, dropout=0.0, **kw)
+    lora = apply_lora(model, r=4, alpha=8, dropout=0.0, **kw)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # B starts at zero; give it values so the update is visible
         for m in model.modules():
             if isinstance(m, LoRALinear):
                 m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
-    return model.eval()
+    return model.eval(), lora
 
 
 def tokens(n=2, t=16):
@@ -37,7 +38,7 @@ def test_fresh_lora_is_the_base_model():
 
 
 def test_lora_changes_output_and_merge_is_exact():
-    model = lora_model()
+    model, _ = lora_model()
     with torch.no_grad():
         unmerged = model(tokens())
         for m in model.modules():
@@ -56,7 +57,7 @@ def test_lora_changes_output_and_merge_is_exact():
 
 
 def test_only_lora_and_chosen_modules_train_and_frozen_weights_stay_bit_identical():
-    model = lora_model(trainable_modules=["lm_head"]).train()
+    model = lora_model(trainable_modules=["lm_head"])[0].train()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in model.named_parameters() if ".lora_" in n} | {"lm_head.weight"}
@@ -73,10 +74,10 @@ def test_only_lora_and_chosen_modules_train_and_frozen_weights_stay_bit_identica
 
 def test_peft_loads_our_adapter_with_the_same_logits(tmp_path):
     transformers, peft = need_module("transformers"), need_module("peft")
-    model = lora_model(trainable_modules=["lm_head"])
+    model, lora = lora_model(trainable_modules=["lm_head"])
     with torch.no_grad():  # a trained head: must travel in the adapter (PEFT modules_to_save)
         model.lm_head.weight.add_(torch.randn(model.lm_head.weight.shape) * 0.05)
-    save_adapter(model, tmp_path / "adapter")
+    save_adapter(model, lora, tmp_path / "adapter")
     # the base weights, as transformers sees them
     base = Llama(model.config).init_weights(seed=0)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model.config.to_hf()))
@@ -88,7 +89,7 @@ def test_peft_loads_our_adapter_with_the_same_logits(tmp_path):
 
 def tiny_qwen2(folder):
     """A random transformers Qwen2 (q/k/v bias, tied head) saved by save_pretrained, and the same
-    checkpoint loaded by us with a nonzero LoRA on every linear layer."""
+    checkpoint loaded by us with a nonzero LoRA on every linear layer (and its LoRAConfig)."""
     transformers = need_module("transformers")
     config = transformers.Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, intermediate_size=96, vocab_size=300,
@@ -101,20 +102,20 @@ def tiny_qwen2(folder):
                 p.normal_(0, 0.5)
     hf.save_pretrained(folder)
     model, _ = load(folder, tokenizer=False)
-    apply_lora(model, r=4, alpha=8, dropout=0.0)
+    lora = apply_lora(model, r=4, alpha=8, dropout=0.0)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in lora_modules(model):
             m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
-    return hf, model.eval()
+    return hf, model.eval(), lora
 
 
 def test_qwen2_lora_keeps_the_bias_frozen_and_peft_gives_the_same_logits(tmp_path):
     transformers, peft = need_module("transformers"), need_module("peft")
-    hf, model = tiny_qwen2(tmp_path / "base")
+    hf, model, lora = tiny_qwen2(tmp_path / "base")
     biases = {n: p for n, p in model.named_parameters() if n.endswith(".bias")}
     assert len(biases) == 3 * 2 and not any(p.requires_grad for p in biases.values())  # q/k/v of 2 layers
-    save_adapter(model, tmp_path / "adapter")
+    save_adapter(model, lora, tmp_path / "adapter")
     with torch.no_grad():
         ours, base = model(tokens()), hf(tokens()).logits
         assert (base - ours).abs().max() > 1e-2  # the adapter is not a no-op
@@ -148,9 +149,11 @@ def test_lora_on_a_biased_linear_trains_only_a_and_b(tmp_path):
 
 
 def test_adapter_round_trip_and_merged_plain_model(tmp_path):
-    model = lora_model(trainable_modules=["lm_head"])
-    save_adapter(model, tmp_path / "adapter")
-    fresh = load_adapter(Llama(model.config).init_weights(seed=0), tmp_path / "adapter").eval()
+    model, lora = lora_model(trainable_modules=["lm_head"])
+    save_adapter(model, lora, tmp_path / "adapter")
+    fresh = Llama(model.config).init_weights(seed=0)
+    assert load_adapter(fresh, tmp_path / "adapter") == lora  # the config travels in adapter_config.json
+    fresh.eval()
     with torch.no_grad():
         expected = model(tokens())
         assert torch.equal(fresh(tokens()), expected)
@@ -161,7 +164,9 @@ def test_adapter_round_trip_and_merged_plain_model(tmp_path):
 
 
 def test_targets_cover_all_linear_layers():
-    model = lora_model()
+    model, lora = lora_model()
+    assert lora == LoRAConfig(4, 8, 0.0, tuple(ALL_LINEAR), ())
+    assert not hasattr(model, "lora_config")  # the config is returned, never hidden on the model
     n = sum(isinstance(m, LoRALinear) for m in model.modules())
     assert n == len(ALL_LINEAR) * model.config.n_layers
     assert type(model.lm_head) is torch.nn.Linear  # the head is never a LoRA target here

@@ -23,7 +23,7 @@ from train.config import TrainConfig, config_hash, parse_args, save_config
 from train.checkpointing import frozen_fingerprint
 from train.errors import TrainError, TrainingDiverged
 from train.optim import lr_at, param_groups
-from train.trainer import CausalLMLoss, Trainer
+from train.trainer import Trainer
 from trainer_worker import ToyLoader, WorkerConfig, build_model, make_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +89,8 @@ def test_lr_schedule_warmup_cosine_min_lr():
 
 
 def test_param_groups_no_decay_on_1d_and_frozen_left_out():
-    model = apply_lora(Llama(preset("tiny")), r=2, alpha=4, dropout=0.0, trainable_modules=["model.norm"])
+    model = Llama(preset("tiny"))
+    apply_lora(model, r=2, alpha=4, dropout=0.0, trainable_modules=["model.norm"])
     decay, no_decay = param_groups(model, weight_decay=0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim == 2 for p in decay["params"]) and len(decay["params"]) == 2 * 7 * 2  # lora A, B
@@ -158,7 +159,7 @@ def test_grad_accum_is_normalised_per_token_not_per_micro_batch(tmp_path):
     model = Llama(preset("tiny")).init_weights(seed=0)
     logits = model(both["tokens"], positions=both["positions"], segments=both["segments"])
     F.cross_entropy(logits.flatten(0, 1), both["labels"].flatten(), ignore_index=-100).backward()
-    reference = {"lm." + n: p.grad for n, p in model.named_parameters()}
+    reference = {n: p.grad for n, p in model.named_parameters()}
 
     assert accumulated.keys() == single.keys() == reference.keys()
     # fp32 sums in another order (chunked CE, two micro-batches): differences of a few ulps of the
@@ -174,8 +175,8 @@ def test_grad_accum_is_normalised_per_token_not_per_micro_batch(tmp_path):
                                     .flatten(0, 1), m["labels"].flatten(), ignore_index=-100) for m in (a, b)) / 2
     per_micro.backward()
     head = model.lm_head.weight.grad
-    assert (head - reference["lm.lm_head.weight"]).abs().max() > 100 * (accumulated["lm.lm_head.weight"] -
-                                                                        reference["lm.lm_head.weight"]).abs().max()
+    assert (head - reference["lm_head.weight"]).abs().max() > 100 * (accumulated["lm_head.weight"] -
+                                                                     reference["lm_head.weight"]).abs().max()
 
 
 # ---- 1 rank versus 2 ranks ---------------------------------------------------------------------
@@ -248,7 +249,7 @@ def test_eval_before_every_save_two_ranks_lora_resumes_exactly(tmp_path):
     stored = {json.loads((out / "checkpoints" / name / "meta.json").read_text())["frozen_fingerprint"]
               for name in complete_checkpoints(out)}
     distributed.init("cpu")  # the fingerprint is a collective (of one rank here)
-    plain = frozen_fingerprint(CausalLMLoss(build_model(WorkerConfig(out_dir=str(tmp_path / "x"), lora=True))))
+    plain = frozen_fingerprint(build_model(WorkerConfig(out_dir=str(tmp_path / "x"), lora=True))[0])
     assert stored == {plain}
 
     run_worker(out, *flags, "--resume", nproc=2)
@@ -295,13 +296,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 def test_lora_trains_only_adapter_and_chosen_modules(tmp_path):
     info = distributed.init("cpu")
     torch.manual_seed(0)
-    model = apply_lora(Llama(preset("tiny")).init_weights(seed=0), r=4, alpha=8, dropout=0.0,
-                       trainable_modules=["lm_head"])
+    model = Llama(preset("tiny")).init_weights(seed=0)
+    lora = apply_lora(model, r=4, alpha=8, dropout=0.0, trainable_modules=["lm_head"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = WorkerConfig(out_dir=str(tmp_path), max_steps=3, lr=1e-2, progress=False, eval_batches=1)
-    trainer = Trainer(model, cfg, ToyLoader(256, 16, 2), dist_info=info)
+    trainer = Trainer(model, cfg, ToyLoader(256, 16, 2), dist_info=info, lora=lora)
     trainer.train_step()
-    grads = {n.removeprefix("lm."): p.grad is not None for n, p in trainer.model.named_parameters()}
+    grads = {n: p.grad is not None for n, p in trainer.model.named_parameters()}
     assert grads == {n: (".lora_" in n or n == "lm_head.weight") for n in before}
 
     summary = trainer.fit()
@@ -333,20 +334,21 @@ def test_lora_trains_only_adapter_and_chosen_modules(tmp_path):
     # Checkpoints leave the frozen base out; resume takes it from the model it is given.
     import torch.distributed.checkpoint as dcp
     saved = dcp.FileSystemReader(summary["checkpoint"]).read_metadata().state_dict_metadata
-    assert "model.lm.model.layers.0.self_attn.q_proj.lora_B" in saved
-    assert "model.lm.model.layers.0.self_attn.q_proj.weight" not in saved
+    assert "model.model.layers.0.self_attn.q_proj.lora_B" in saved
+    assert "model.model.layers.0.self_attn.q_proj.weight" not in saved
 
     def lora_model(seed):
         torch.manual_seed(123)  # a different LoRA init: the checkpoint must overwrite it
-        return apply_lora(Llama(preset("tiny")).init_weights(seed=seed), r=4, alpha=8, dropout=0.0,
-                          trainable_modules=["lm_head"])
+        model = Llama(preset("tiny")).init_weights(seed=seed)
+        apply_lora(model, r=4, alpha=8, dropout=0.0, trainable_modules=["lm_head"])
+        return model
 
     cfg.resume = True
-    resumed = Trainer(lora_model(seed=0), cfg, ToyLoader(256, 16, 2), dist_info=info)
+    resumed = Trainer(lora_model(seed=0), cfg, ToyLoader(256, 16, 2), dist_info=info, lora=lora)
     assert resumed.step == 3
     assert all(torch.equal(v, after[k]) for k, v in resumed.full_state_dict().items())
     with pytest.raises(TrainError, match="frozen"):
-        Trainer(lora_model(seed=1), cfg, ToyLoader(256, 16, 2), dist_info=info)
+        Trainer(lora_model(seed=1), cfg, ToyLoader(256, 16, 2), dist_info=info, lora=lora)
 
 
 def test_runs_on_the_real_data_loader(tmp_path):

@@ -230,7 +230,7 @@ def test_stage_all_on_tinystories_carries_the_adapter(tmp_path):
     assert report["skipped"] and report["new_vocab_size"] == 2051  # byte-level BPE: tags only
     ids = torch.tensor([[1, 400, 500, 2048, 2049, 2050]])
     for k in (2, 3):  # stage k starts exactly where stage k-1 ended
-        started, _ = start_model(cfg, stages(cfg)[k - 1])
+        started, _, _ = start_model(cfg, stages(cfg)[k - 1])
         ended, _ = load(results[k - 1]["final"])
         with torch.no_grad():  # LoRA merged vs. applied: equal up to fp32 rounding
             a, b = started.eval()(ids), ended(ids)

@@ -77,22 +77,24 @@ class WorkerConfig(TrainConfig):
     model_seed: int = field(default=0, metadata={"help": "init seed of the tiny model"})
 
 
-def build_model(cfg: WorkerConfig) -> Llama:
+def build_model(cfg: WorkerConfig):
+    """-> (tiny Llama, its LoRAConfig or None)."""
     model = Llama(preset("tiny")).init_weights(seed=cfg.model_seed)
+    lora = None
     if cfg.lora:
         torch.manual_seed(cfg.model_seed)  # LoRA A init
-        apply_lora(model, r=4, alpha=8, dropout=0.0)
-    return model
+        lora = apply_lora(model, r=4, alpha=8, dropout=0.0)
+    return model, lora
 
 
 def make_trainer(cfg: WorkerConfig, info: distributed.DistInfo | None = None) -> Trainer:
     info = info or distributed.init("cpu")
-    model = build_model(cfg)
+    model, lora = build_model(cfg)
     train = ToyLoader(model.config.vocab_size, cfg.seq_len, cfg.micro_batch_size, info.rank, info.world_size,
                       cfg.grad_accum, seed=cfg.seed)
     evals = ToyLoader(model.config.vocab_size, cfg.seq_len, cfg.micro_batch_size, info.rank, info.world_size,
                       1, seed=cfg.seed + 777)
-    return Trainer(model, cfg, train, evals, dist_info=info)
+    return Trainer(model, cfg, train, evals, dist_info=info, lora=lora)
 
 
 def arm_kill_in_export(step: int) -> None:

@@ -53,9 +53,11 @@ class TrainConfig(Flags):
     adam_eps: float = flag(1e-8, "AdamW epsilon", rule=positive)
     max_grad_norm: float = flag(1.0, "clip the global gradient norm; 0 = no clipping",
                                 rule=non_negative(" (0 = no clipping)"))
-    mixed_precision: str = flag("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32: compute dtype of FSDP's "
-                                        "all-gathered weights", choices=("auto", "bf16", "fp32"))
+    mixed_precision: str = flag("auto", "auto (bf16 on GPU and on CPUs with AMX / AVX512-BF16, fp32 on other CPUs) | "
+                                        "bf16 | fp32: compute dtype (master weights and optimizer state stay fp32; "
+                                        "train/parallelize.py)", choices=("auto", "bf16", "fp32"))
     activation_checkpointing: bool = flag(False, "recompute each block in backward instead of storing its activations")
+    compile: bool = flag(False, "torch.compile each block (inductor; the first step of each shape pays the compile time)")
     seed: int = flag(0, "seed of the torch RNG (dropout) on rank 0; rank r uses seed+r", rule=at_least(0))
     loss_chunk_size: int = flag(4096, "tokens per chunk of the fused head + cross-entropy (bounds logits memory)",
                                 rule=at_least(0, " (0 = all tokens at once)"), hash=False)

@@ -93,7 +93,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a sharded DTensor (a collective), or t itself when it is a plain
-    tensor (a one-rank run is not sharded, see train/trainer.shard_model)."""
+    tensor (one CPU rank is not sharded, see train/parallelize.parallelize)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 

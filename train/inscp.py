@@ -56,14 +56,14 @@ def main(argv=None) -> dict:
         template = chat_template(tokenizer, cfg.template)
         if cfg.report:
             report.check_data()
-        add_adapters(model, cfg)
+        lora = add_adapters(model, cfg)
         runlock.hold(cfg.out_dir)
         train_dir, eval_dir = token_files(cfg, cfg.format, tokenizer, template, info)
         train_loader, eval_loader = loaders(cfg, train_dir, eval_dir, tokenizer, info)
         # the fresh adapter adds exactly 0 (B = 0): this is the starting model's report
         before = report.before_report(cfg.out_dir, model_path(cfg), lambda: (model, tokenizer, template),
                                       cfg.report_sizes, info, {"template": cfg.template}) if cfg.report else None
-        trainer = Trainer(model, cfg, train_loader, eval_loader, tokenizer=tokenizer, dist_info=info)
+        trainer = Trainer(model, cfg, train_loader, eval_loader, tokenizer=tokenizer, dist_info=info, lora=lora)
         summary = trainer.fit()
         if info.is_main:
             print(done_message(summary, cfg.out_dir), flush=True)

@@ -112,8 +112,9 @@ def chat_template(tokenizer, name: str = "", system: str | None = None):
 
 
 def add_adapters(model, cfg: RecipeConfig):
-    """LoRA from outside the model (or nothing, for full fine-tuning). The seed makes every rank
-    draw the same A matrices. A --trainable-modules name that matches no module is refused."""
+    """LoRA from outside the model (or nothing, for full fine-tuning) -> its LoRAConfig (None for
+    full fine-tuning), for the Trainer. The seed makes every rank draw the same A matrices. A
+    --trainable-modules name that matches no module is refused."""
     if cfg.finetune == "lora":
         modules = [n for n, _ in model.named_modules()]
         for wanted in cfg.trainable_modules:
@@ -121,8 +122,8 @@ def add_adapters(model, cfg: RecipeConfig):
                 raise TrainError(f"--trainable-modules {wanted!r}: no module of that name in the model "
                                  "(e.g. embed_tokens, lm_head, norm)")
         torch.manual_seed(cfg.seed)
-        apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.trainable_modules)
-    return model
+        return apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.trainable_modules)
+    return None
 
 
 def token_files(cfg: RecipeConfig, fmt: str, tokenizer, template, info: distributed.DistInfo,

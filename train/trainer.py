@@ -4,11 +4,12 @@
     trainer.fit()
 
 What happens, in order:
-  1. The model (a plain `Llama`, possibly with LoRA applied and base weights frozen) is wrapped
-     with its loss in `CausalLMLoss`, and sharded from outside with FSDP2: `fully_shard` on each
-     block, then on the root. With one process this is a one-rank group (train/distributed.py),
-     so the same code runs at every world size (one fp32 rank skips only the wrapping itself,
-     see shard_model). The model itself knows nothing of this.
+  1. The model (a plain `Llama`, possibly with LoRA applied and base weights frozen; then the
+     LoRAConfig that apply_lora returned is passed as `lora`) gets activation checkpointing,
+     compiled blocks and FSDP2 from outside (train/parallelize.py). With one process this is a
+     one-rank group (train/distributed.py), so the same code runs at every world size (one CPU
+     rank skips only the FSDP wrapping). The model computes its own summed loss
+     (`Llama.forward(tokens, labels)`, fused head + cross-entropy) and knows nothing of this.
   2. AdamW (no decay on 1-D params) and a cosine schedule with warm-up (train/optim.py).
   3. Each optimizer step reads `grad_accum` micro-batches per rank. The loss of a step is the mean
      over *every loss token of the global batch*, so micro-batches and ranks holding more loss
@@ -19,7 +20,7 @@ What happens, in order:
      ranks. The result equals one big batch holding all micro-batches of all ranks.
   4. Gradient clipping on the global norm (DTensor-aware), a NaN/inf guard, metrics, periodic
      eval and checkpoints (train/checkpointing.py); at the end the merged model in HF format and,
-     with LoRA, the adapter.
+     with LoRA, the adapter (model.checkpoint.export_trained).
 
 Batches: any object with next_batch() -> {tokens[B,T], labels[B,T] (already shifted, -100 = no
 loss), positions[B,T] (optional), segments[B,T] (optional)}, state_dict(), load_state_dict().
@@ -36,11 +37,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
-import kernels
+from kernels import IGNORE_INDEX
+from model.checkpoint import export_trained
+from model.lora import LoRAConfig, lora_modules
 from train import distributed, runlock
 from train.checkpointing import CheckpointManager, frozen_fingerprint, rng_state, set_rng_state
 from train.config import TrainConfig, config_hash, hashed_fields, save_config
@@ -48,85 +49,31 @@ from train.errors import TrainError, TrainingDiverged, writing
 from train.faults import fault_point, inject_nan, write_fault
 from train.guard import DivergenceGuard
 from train.optim import build_optimizer, build_scheduler
-
-IGNORE_INDEX = -100
-
-
-class CausalLMLoss(nn.Module):
-    """The language model and its next-token loss as one module.
-
-    Why a wrapper: the fused head + cross-entropy takes the head weight directly (it never builds
-    the full [N, V] logits). FSDP gathers a module's weights only inside that module's forward, so
-    the loss must run inside the root module's forward to see the gathered head weight.
-    """
-
-    def __init__(self, lm: nn.Module, chunk_size: int = 4096):
-        super().__init__()
-        self.lm = lm
-        self.chunk_size = chunk_size
-
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None,
-                segments: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens/labels[B,T] -> fp32 scalar: the SUM of cross-entropy over tokens with label != -100.
-
-        A sum, not a mean, so the caller can normalise by the loss-token count of the whole step.
-        """
-        hidden = self.lm(tokens, positions=positions, segments=segments, return_hidden=True)  # [B,T,D]
-        flat = labels.reshape(-1)
-        count = (flat != IGNORE_INDEX).sum()
-        mean = kernels.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm.lm_head.weight,
-                                            flat, IGNORE_INDEX, self.chunk_size)
-        # The kernel divides by max(count, 1); multiplying back gives the exact sum (0 if no loss token).
-        return mean.float() * count
-
-
-def shard_model(module: nn.Module, blocks: nn.ModuleList, device: torch.device, mixed_precision: str) -> nn.Module:
-    """Apply FSDP2 in place: fully_shard each block, then the root (embeddings, final norm, head).
-
-    Parameters' requires_grad must be final before this (FSDP records it per parameter).
-    Gradients are SUMMED across ranks (divide factor 1): the loss is already divided by the
-    global token count, so FSDP's default average would divide by the world size a second time.
-
-    One rank in fp32 is left unwrapped (as torchtitan applies FSDP only when there is more than
-    one shard): there is nothing to shard and no dtype to cast, so FSDP2 would only copy every
-    weight into its all-gather buffer and back, in forward and again in backward. The numbers are
-    the same either way; checkpoints, clipping and the state-dict export take both.
-    """
-    world = distributed.dist.get_world_size()
-    use_bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
-    if world == 1 and not use_bf16:
-        return module
-    mesh = init_device_mesh(device.type, (world,))
-    # bf16 weights in forward/backward, fp32 gradient reduction and fp32 master weights/optimizer.
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if use_bf16 else None,
-                              reduce_dtype=torch.float32 if use_bf16 else None)
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(module, mesh=mesh, mp_policy=mp)
-    for m in module.modules():
-        if isinstance(m, FSDPModule):
-            m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
-    return module
+from train.parallelize import parallelize, precision_note
 
 
 class Trainer:
     """Train `model` (a Llama, optionally with LoRA) on batches from `train_loader`.
 
-    The model is sharded in place; after fit() use the exported folders (out_dir/final,
+    lora: the LoRAConfig apply_lora / load_adapter returned, for a model with LoRA layers (it
+    decides what the adapter export holds); None for full fine-tuning.
+    The model is parallelized in place; after fit() use the exported folders (out_dir/final,
     out_dir/adapter) or `full_state_dict()`. Pass dist_info from distributed.init() (or
     distributed.session()); without it the Trainer calls init() itself, which makes a one-rank
     group when none exists (close() ends it).
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, train_loader, eval_loader=None,
-                 tokenizer=None, dist_info: distributed.DistInfo | None = None):
+                 tokenizer=None, dist_info: distributed.DistInfo | None = None, lora: LoRAConfig | None = None):
+        if lora is None and lora_modules(model):
+            raise ValueError("Trainer: the model has LoRA layers: pass lora=<the LoRAConfig apply_lora returned>")
         self.config = config
         self.train_loader, self.eval_loader, self.tokenizer = train_loader, eval_loader, tokenizer
         self.dist = dist_info or distributed.init()
         self.out_dir = Path(config.out_dir)
         self.lm_config = model.config
-        self.lora_config = dict(getattr(model, "lora_config", None) or {}) or None
+        self.lora = lora
+        self.lora_config = lora.peft() if lora else None  # as config.json and the run hash record it
         self.run_hash = config_hash(config, extra=self._model_identity(model))
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", config.keep_last)
         self.step = 0
@@ -147,9 +94,9 @@ class Trainer:
         # Master weights and optimizer state in fp32 (compute dtype is FSDP's mixed precision).
         if any(p.dtype != torch.float32 for p in model.parameters()):
             model.float()
-        model.checkpoint_blocks = config.activation_checkpointing
-        self.model = shard_model(CausalLMLoss(model, config.loss_chunk_size), model.model.layers,
-                                 self.dist.device, config.mixed_precision)
+        self.plan = parallelize(model, self.dist.device, config.mixed_precision, config.activation_checkpointing,
+                                config.compile)
+        self.model = model
         self.model.train()
         # Frozen weights never change during a run: fingerprint them once, for every checkpoint.
         self.frozen_fingerprint = frozen_fingerprint(self.model)
@@ -255,7 +202,10 @@ class Trainer:
                 for k, v in batch.items()}
 
     def _loss_sum(self, batch: dict) -> torch.Tensor:
-        return self.model(batch["tokens"], batch["labels"], batch.get("positions"), batch.get("segments"))
+        """The summed loss of one micro-batch (fp32 scalar), in the plan's precision."""
+        with self.plan.autocast():
+            return self.model(batch["tokens"], batch["labels"], positions=batch.get("positions"),
+                              segments=batch.get("segments"), loss_chunk_size=self.config.loss_chunk_size)
 
     def train_step(self) -> dict:
         """One optimizer step over grad_accum micro-batches per rank. Returns its metrics."""
@@ -351,9 +301,7 @@ class Trainer:
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole (unsharded) model as HF-named CPU tensors on rank 0, None elsewhere (collective)."""
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not self.dist.is_main:
-            return None
-        return {k.removeprefix("lm."): v for k, v in state.items()}
+        return state if self.dist.is_main else None
 
     def export(self) -> dict[str, str]:
         """Write out_dir/final (HF model, LoRA merged in) and, with LoRA, out_dir/adapter (PEFT
@@ -365,33 +313,8 @@ class Trainer:
         return written
 
     def _write_export(self, state: dict, written: dict) -> None:
-        from model.checkpoint import save as save_hf
-        from model.lora import merge_lora, save_adapter
-        plain = self.build_plain_model(state)
-        if self.lora_config:
-            written["adapter"] = str(save_adapter(plain, self.out_dir / "adapter"))
-            merge_lora(plain)
-        written["final"] = str(save_hf(plain, self.tokenizer, self.out_dir / "final"))
-
-    def build_plain_model(self, state: dict[str, torch.Tensor]) -> nn.Module:
-        """A fresh unsharded Llama (with the same LoRA layout, if any) holding `state`."""
-        from model.llama import Llama
-        from model.lora import apply_lora
-        with torch.device("meta"):
-            plain = Llama(self.lm_config)
-        if self.lora_config:
-            c = self.lora_config
-            apply_lora(plain, c["target_modules"], c["r"], c["lora_alpha"], c["lora_dropout"], c["modules_to_save"])
-        # Clone: with one rank on CPU the "full" tensors can share storage with the live sharded
-        # parameters, and merging LoRA writes into the base weights in place.
-        state = {k: v.clone() for k, v in state.items()}
-        missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
-        if self.lm_config.tie_embeddings:
-            plain.lm_head.weight = plain.model.embed_tokens.weight
-            missing = [k for k in missing if k != "lm_head.weight"]
-        if missing or unexpected:
-            raise RuntimeError(f"export: state dict mismatch, missing {missing[:5]}, unexpected {unexpected[:5]}")
-        return plain
+        written.update(export_trained(state, self.lm_config, self.tokenizer, self.out_dir / "final",
+                                      self.lora, self.out_dir / "adapter"))
 
     # ---- the loop --------------------------------------------------------------------------
     def _elapsed(self) -> float:
@@ -420,7 +343,11 @@ class Trainer:
             n_all = sum(p.numel() for p in self.model.parameters())
             n_train = sum(p.numel() for p in self.params)
             tqdm.write(f"training {n_train:,} of {n_all:,} parameters on {self.dist.world_size} rank(s), "
-                       f"{cfg.grad_accum} micro-batch(es) per rank per step, run {self.run_hash}")
+                       f"{cfg.grad_accum} micro-batch(es) per rank per step, {self.plan.describe()}, "
+                       f"run {self.run_hash}")
+            note = precision_note(self.plan.dtype, self.dist.device)
+            if note:
+                tqdm.write(note)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.dist.is_main and cfg.progress),
                    dynamic_ncols=True, desc="train")
         eval_loss = None

@@ -222,23 +222,23 @@ def run_stage0(cfg: TransLLMConfig) -> dict:
 
 def start_model(cfg: TransLLMConfig, stage: Stage):
     """The model a stage trains: the stage-0 model with the previous stage's adapter loaded
-    (stage 1: a fresh adapter). -> (model, tokenizer)."""
+    (stage 1: a fresh adapter). -> (model, tokenizer, its LoRAConfig)."""
     k = stage.number
     base = stage0_model(cfg)  # cfg: the run's config (out_dir = the run folder)
     if not (base / "config.json").exists():
         raise TrainError(f"--stage {k}: no stage-0 model at {base}; run --stage 0 (or all) first")
     model, tokenizer = load_model(dataclasses.replace(stage_config(cfg, stage), model=str(base)))
     if k == 1:
-        return add_adapters(model, cfg), tokenizer
+        return model, tokenizer, add_adapters(model, cfg)
     prev = stage_dir(cfg, k - 1) / "adapter"
     if not (prev / "adapter_model.safetensors").exists():
         raise TrainError(f"--stage {k}: no stage-{k - 1} adapter at {prev}; run --stage {k - 1} with this "
                          f"--out-dir first")
     try:
-        load_adapter(model, prev)
+        lora = load_adapter(model, prev)
     except (ValueError, FileNotFoundError) as err:
         raise TrainError(f"--stage {k}: cannot load {prev}: {err}") from None
-    return model, tokenizer
+    return model, tokenizer, lora
 
 
 # ------------------------------------------------------------------ stage data
@@ -354,7 +354,7 @@ def stage_config(cfg: TransLLMConfig, stage: Stage) -> TransLLMConfig:
 
 def run_stage(cfg: TransLLMConfig, stage: Stage, info) -> dict:
     k, scfg = stage.number, stage_config(cfg, stage)
-    model, tokenizer = start_model(cfg, stage)
+    model, tokenizer, lora = start_model(cfg, stage)
     template = template_of(scfg, tokenizer)
     data = stage.build_data(scfg, model, tokenizer, template)
     train_dirs, eval_dirs = [], []
@@ -375,7 +375,7 @@ def run_stage(cfg: TransLLMConfig, stage: Stage, info) -> dict:
         train_dirs, eval_dirs = [root / "train"], ([root / "eval"] if eval_dirs else [])
     train_loader, eval_loader = loaders(scfg, train_dirs[0], eval_dirs[0] if eval_dirs else None, tokenizer, info)
     model.train()
-    summary = Trainer(model, scfg, train_loader, eval_loader, tokenizer=tokenizer, dist_info=info).fit()
+    summary = Trainer(model, scfg, train_loader, eval_loader, tokenizer=tokenizer, dist_info=info, lora=lora).fit()
     if info.is_main:
         started = "a fresh adapter" if k == 1 else str(stage_dir(cfg, k - 1) / "adapter")
         (Path(scfg.out_dir) / "stage.json").write_text(json.dumps(
