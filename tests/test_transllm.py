@@ -267,7 +267,10 @@ def test_tag_zh_is_one_special_id_in_the_vocabulary_the_samples_and_tcot_inferen
     base = need(assets.tinystories_dir)
     need(quick.data_files)
     out = tmp_path / "run"
-    results = main(argv(base, out, "--stage", "all", "--tag", "ZH", "--max-steps", "1", "--report",
+    small = ["--mono-lines", "4", "--parallel-lines", "4", "--qa-limit", "2", "--kd-limit", "1",
+             "--tcot-translation", "none", "--translation-pairs", "2", "--seq-len", "64", "--micro-batch-size", "1",
+             "--lora-r", "8"]  # TCOT samples from the QA rows only
+    results = main(argv(base, out, "--stage", "all", "--tag", "ZH", "--max-steps", "1", *small, "--report",
                         "--report-sizes.nll-items", "1", "--report-sizes.prompts", "1",
                         "--report-sizes.max-new-tokens", "4", "--report-sizes.batch-size", "4"))
     final, tok = load(results[3]["final"])

@@ -51,11 +51,11 @@ def main(argv=None) -> dict:
     cfg = parse_args(InsCPConfig, argv)
     with distributed.session(cfg.device or None) as info:
         # Everything that can refuse the run comes before anything is written to out_dir.
+        if cfg.report:
+            report.check_data()
         model, tokenizer = load_model(cfg)
         # InsCP renders the model's own template with no system prompt (data/formats.inscp).
         template = chat_template(tokenizer, cfg.template)
-        if cfg.report:
-            report.check_data()
         lora = add_adapters(model, cfg)
         runlock.hold(cfg.out_dir)
         train_dir, eval_dir = token_files(cfg, cfg.format, tokenizer, template, info)
