@@ -110,7 +110,7 @@ def test_config_flags_map_onto_fields_and_hash(tmp_path):
     assert config_hash(cfg) != config_hash(TrainConfig(max_steps=7, lr=0.25))
     save_config(cfg, tmp_path / "config.json", extra={"world_size": 1})
     assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.5
-    with pytest.raises(ValueError, match="mixed_precision"):
+    with pytest.raises(ValueError, match="--mixed-precision"):
         TrainConfig(mixed_precision="fp16")
 
 
