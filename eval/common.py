@@ -7,7 +7,6 @@ decode(ids), bos_id, eos_id, pad_id.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import random
 from itertools import islice
@@ -36,16 +35,6 @@ def data_file(*parts: str, split: str = "data") -> Path:
     if split not in ("data", "holdout"):
         raise ValueError(f"split must be 'data' or 'holdout', got {split!r}")
     return assets.shared_file(split, *parts)
-
-
-def parse_checked(parser: argparse.ArgumentParser, argv, check: Callable[[argparse.Namespace], str | None]):
-    """parser.parse_args(argv), then check(args) -> a problem or None: a problem ends the program
-    with one line "prog: error: ..." (no usage block) and exit code 2, before any work."""
-    args = parser.parse_args(argv)
-    problem = check(args)
-    if problem:
-        parser.exit(2, f"{parser.prog}: error: {problem}\n")
-    return args
 
 
 def first_problem(checks: list[tuple[bool, str]]) -> str | None:
@@ -156,10 +145,12 @@ def next_token_logprobs(model, contexts: list[list[int]], candidates: list[list[
 
 
 def encode_with_bos(tokenizer, text: str) -> list[int]:
-    """ids of text with BOS in front when the tokenizer has one (scoring needs a first context)."""
-    ids = tokenizer.encode(text)
+    """ids of plain text as the model reads it: BOS in front when this tokenizer adds one to plain
+    text (`add_bos`: LLaMA-2/3 yes, SmolLM2 no; a tokenizer without the attribute: whenever it has
+    a BOS). Scoring never scores position 0, which has no context."""
     bos = getattr(tokenizer, "bos_id", None)
-    return ([bos] if bos is not None and bos >= 0 else []) + ids
+    add = getattr(tokenizer, "add_bos", bos is not None)
+    return tokenizer.encode(text, bos=bool(add and bos is not None and bos >= 0))
 
 
 class ChatRunner(Runner):

@@ -105,7 +105,7 @@ def svg_bar_chart(title: str, groups: list[str], series: dict[str, list[float | 
     y = lambda v: head + plot_height * (1 - v / top)  # noqa: E731  value -> pixel row
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
              f'font-family="sans-serif" font-size="11">',
-             f'<rect width="100%" height="100%" fill="white"/>',
+             '<rect width="100%" height="100%" fill="white"/>',
              f'<text x="{width / 2:.1f}" y="22" text-anchor="middle" font-size="14">{escape(title)}</text>']
     for i in range(5):  # horizontal grid lines with their values
         v = top * i / 4

@@ -191,9 +191,9 @@ def check_paths(args) -> str | None:
     and tested for writing), and each model's chat template (its tokenizer alone is read).
     -> the first problem as one line, or None."""
     from model.checkpoint import load_tokenizer_only
-    for flag, path in [("--model", m) for m in args.model] + ([("--judge", args.judge)] if args.judge else []):
+    for name, path in [("--model", m) for m in args.model] + ([("--judge", args.judge)] if args.judge else []):
         if not Path(path).exists():
-            return f"{flag} {path}: no such file or folder"
+            return f"{name} {path}: no such file or folder"
     try:
         data_files(args)
     except FileNotFoundError as err:

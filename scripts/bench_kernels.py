@@ -222,7 +222,7 @@ def bench_gpu(ops) -> None:
             fb_gbs = fb_bytes / t_fb / 1e6
             print(f"| {name} | {impl} | {t_f:.3f} | {t_fb:.3f} | {peak / 2**20:.0f} | "
                   f"{fwd_bytes / t_f / 1e6:.0f} | {fb_gbs:.0f} | {100 * fb_gbs / copy:.0f}% | {tflops} |", flush=True)
-            del inputs
+            inputs = None  # frees this case's tensors before the next one
             torch.cuda.empty_cache()
 
 

@@ -76,8 +76,8 @@ def test_bad_flags_are_refused_in_one_line_before_loading(monkeypatch, capsys, f
 def test_budget_larger_than_half_the_context_and_missing_template(monkeypatch, capsys, models):
     code, _, err = run_main(monkeypatch, capsys, ["--model", str(models["short"]), "--template", "llama2",
                                                   "--max-new-tokens", "100", "--prompt", "hi"])
-    assert code == 2 and err == (f"chat.py: error: --max-new-tokens 100: must be 1..64 (half the model's "
-                                 f"context of 128 tokens)\n")
+    assert code == 2 and err == ("chat.py: error: --max-new-tokens 100: must be 1..64 (half the model's "
+                                 "context of 128 tokens)\n")
     code, _, err = run_main(monkeypatch, capsys, ["--model", str(models["short"]), "--prompt", "hi"])
     assert code == 2 and err.startswith("chat.py: error: --template: ") and "no stored chat_template" in err
     assert err.count("\n") == 1

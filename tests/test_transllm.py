@@ -140,7 +140,7 @@ def test_second_turn_context_is_the_english_exchange(llama2):
 
 def test_tcot_runner_answers_mt_bench_turns_through_the_english_exchange(llama2):
     from eval import mtbench
-    t, s, gen = get_template(llama2, "llama2", SYS), llama2.special_tokens, two_scripted_turns(llama2)
+    t, gen = get_template(llama2, "llama2", SYS), two_scripted_turns(llama2)
     runner = TCOTRunner(None, llama2, t, generate_fn=gen)
     questions = [{"question_id": 7, "category": "writing", "turns": ["นี่คืออะไร", "แล้วหมาล่ะ"], "lang": "th"}]
     (record,) = mtbench.generate_answers(runner, questions)
