@@ -56,7 +56,7 @@ def data_files() -> list:
 
 
 def quick_report(model, tokenizer, template=None, sizes: QuickSizes | None = None, runner=None,
-                 log=None) -> dict:
+                 log=None, split: str = "data") -> dict:
     """-> {"answer_nll": {set: {"answer_nll", "eot_nll", "lang", "tokens", "n", "truncated"}},
            "alignment": {"en"|"th"|"zh-Hant": {"aligned", "echo_degenerate", "end_of_turn", "shares", ...}},
            "overall": {"end_of_turn": share over all prompts},
@@ -67,7 +67,8 @@ def quick_report(model, tokenizer, template=None, sizes: QuickSizes | None = Non
     the one the run trained with). runner: what answers the
     prompts (default: ChatRunner, greedy, with `sizes`); a runner without `.results` (e.g.
     model.tcot.TCOTRunner, whose answer is the text after <TH>) gives end_of_turn None.
-    log(str): progress lines (default: none)."""
+    log(str): progress lines (default: none). split: "data" (dev, for choosing anything) or
+    "holdout" (final numbers only; alpaca-en has no holdout half and is left out)."""
     sizes = sizes or QuickSizes()
     template = template or get_template(tokenizer)
     runner = runner or ChatRunner(model, tokenizer, template, max_new_tokens=sizes.max_new_tokens,
@@ -77,11 +78,11 @@ def quick_report(model, tokenizer, template=None, sizes: QuickSizes | None = Non
     start = time.time()
     try:
         nll = answer_nll.evaluate(model, template, limit=sizes.nll_items, max_chars=sizes.nll_max_chars,
-                                  batch_size=sizes.nll_batch_size)
+                                  batch_size=sizes.nll_batch_size, split=split)
         nll_done = time.time()
         if log:
             log(f"quick: answer NLL in {nll_done - start:.0f}s")
-        aligned = alignment.evaluate(runner, list(alignment.PROMPT_SETS), sizes.prompts)
+        aligned = alignment.evaluate(runner, list(alignment.PROMPT_SETS), sizes.prompts, split)
         samples = _samples(runner)
         done = time.time()
         if log:
@@ -95,6 +96,7 @@ def quick_report(model, tokenizer, template=None, sizes: QuickSizes | None = Non
         "overall": {"end_of_turn": None if None in stops else sum(stops) / max(len(stops), 1)},
         "samples": samples,
         "sizes": asdict(sizes),
+        "split": split,
         "seconds": {"nll": nll_done - start, "generation": done - nll_done, "total": done - start},
     })
 

@@ -47,7 +47,9 @@ def done_message(summary: dict, out_dir: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
+def main(argv=None, on_step=None) -> dict:
+    """Run InsCP/orgCP from command-line flags -> the Trainer's summary. on_step(trainer): see
+    Trainer.fit (scripts/study_inscp.py measures the model along the way with it)."""
     cfg = parse_args(InsCPConfig, argv)
     with distributed.session(cfg.device or None) as info:
         # Everything that can refuse the run comes before anything is written to out_dir.
@@ -64,7 +66,7 @@ def main(argv=None) -> dict:
         before = report.before_report(cfg.out_dir, model_path(cfg), lambda: (model, tokenizer, template),
                                       cfg.report_sizes, info, {"template": cfg.template}) if cfg.report else None
         trainer = Trainer(model, cfg, train_loader, eval_loader, tokenizer=tokenizer, dist_info=info, lora=lora)
-        summary = trainer.fit()
+        summary = trainer.fit(on_step)
         if info.is_main:
             print(done_message(summary, cfg.out_dir), flush=True)
         if before is not None:

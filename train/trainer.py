@@ -334,8 +334,11 @@ class Trainer:
             except TrainError as err:
                 self._write_error = str(err)
 
-    def fit(self) -> dict:
-        """Train to config.max_steps (from the resumed step), checkpoint, export. Returns a summary."""
+    def fit(self, on_step=None) -> dict:
+        """Train to config.max_steps (from the resumed step), checkpoint, export. Returns a summary.
+
+        on_step(trainer): called on every rank after each optimizer step (after its logging, eval
+        and checkpoint), e.g. by a study that measures the model along the way."""
         cfg = self.config
         self._t0 = time.perf_counter()
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -370,6 +373,8 @@ class Trainer:
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                     self.save_checkpoint()
                 fault_point("kill_at_step", self.step)
+                if on_step is not None:
+                    on_step(self)
         finally:
             bar.close()
         self._stop_on_write_error()
