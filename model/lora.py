@@ -131,7 +131,7 @@ def _dropped(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tens
 
 def _kept(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """x where keep is True, 0 elsewhere (dropout before its 1 / (1 - p) scale): one pass."""
-    return x if keep is None else x * keep
+    return x if keep is None else torch.where(keep, x, 0)
 
 
 def lora_update_reference(x, A, B, keep, scale: float, p: float) -> torch.Tensor:

@@ -91,7 +91,7 @@ class Trainer:
         self._clean_export_leftovers()
         resume_from = self._check_out_dir()
 
-        # Master weights and optimizer state in fp32 (compute dtype is FSDP's mixed precision).
+        # Master weights and optimizer state in fp32 (the compute dtype is the plan's: FSDP's policy or autocast).
         if any(p.dtype != torch.float32 for p in model.parameters()):
             model.float()
         self.plan = parallelize(model, self.dist.device, config.mixed_precision, config.activation_checkpointing,
