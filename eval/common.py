@@ -96,6 +96,22 @@ def score_tokens(model, sequences: list[list[int]], targets: list[list[bool]], b
     return [(sum(lps), len(lps)) for lps in token_logprobs(model, sequences, targets, batch_size, pad_id, desc)]
 
 
+def _scored_logprobs(model, tokens: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) at the positions where scored[B,T-1] is True -> [N].
+
+    A model with an lm_head (a Llama) runs its head only at those positions: an answer scored
+    after a long passage needs a few rows of [T, V] logits, not all (the head and its
+    log-softmax over 49k-150k entries are most of the memory traffic). Anything else (e.g. a
+    stub) gives full logits."""
+    nxt = tokens[:, 1:][scored]                                     # [N] the predicted tokens
+    if hasattr(model, "lm_head"):
+        hidden = model(tokens, return_hidden=True)[:, :-1][scored]  # [N, D]
+        logits = model.lm_head(hidden).float()                      # [N, V]
+    else:
+        logits = model(tokens)[:, :-1][scored].float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
+
+
 @torch.inference_mode()
 def token_logprobs(model, sequences: list[list[int]], targets: list[list[bool]], batch_size: int = 8,
                    pad_id: int = 0, desc: str | None = None) -> list[list[float]]:
@@ -116,10 +132,9 @@ def token_logprobs(model, sequences: list[list[int]], targets: list[list[bool]],
         for row, i in enumerate(batch):
             mask[row, :len(targets[i])] = torch.tensor(targets[i], dtype=torch.bool)
         tokens = tokens.to(device)
-        logits = model(tokens)[:, :-1].float()                      # [B,T-1,V] predicts tokens 1..T-1
-        logp = torch.log_softmax(logits, dim=-1)
-        picked = logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # [B,T-1]
-        scored = mask[:, 1:].to(device)
+        scored = mask[:, 1:].to(device)                             # [B,T-1]: position t predicts token t+1
+        picked = torch.zeros(scored.shape, device=device)
+        picked[scored] = _scored_logprobs(model, tokens, scored)
         for row, i in enumerate(batch):
             results[i] = picked[row][scored[row]].tolist()
     return results  # type: ignore[return-value]

@@ -132,6 +132,55 @@ def svg_bar_chart(title: str, groups: list[str], series: dict[str, list[float | 
     return "\n".join(parts)
 
 
+def svg_line_chart(title: str, xs: list[float], series: dict[str, list[tuple[float, float] | None]],
+                   x_label: str = "", y_label: str = "", plot_width: int = 360, plot_height: int = 200) -> str:
+    """Lines over a shared x axis, each point a (mean, spread) drawn as a dot with a +-spread bar
+    (e.g. the mean and standard deviation over seeds); None = no point. Returns SVG text."""
+    names = list(series)
+    points = [p for ps in series.values() for p in ps if p is not None]
+    lows = [m - d for m, d in points] or [0.0]
+    highs = [m + d for m, d in points] or [1.0]
+    lo, hi = min(lows), max(highs)
+    pad = (hi - lo) * 0.08 or abs(hi) * 0.05 or 1.0
+    lo, hi = lo - pad, hi + pad
+    x_lo, x_hi = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    left, right, head, foot = 64, 20, 40, 44
+    width, plot_bottom = left + plot_width + right, head + plot_height
+    height = plot_bottom + foot + 20 * len(names)
+    px = lambda x: left + plot_width * (x - x_lo) / (x_hi - x_lo)  # noqa: E731
+    py = lambda v: head + plot_height * (1 - (v - lo) / (hi - lo))  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'font-family="sans-serif" font-size="11">',
+             '<rect width="100%" height="100%" fill="white"/>',
+             f'<text x="{width / 2:.1f}" y="22" text-anchor="middle" font-size="14">{escape(title)}</text>']
+    for i in range(5):
+        v = lo + (hi - lo) * i / 4
+        parts.append(f'<line x1="{left}" y1="{py(v):.1f}" x2="{left + plot_width}" y2="{py(v):.1f}" stroke="#ddd"/>')
+        parts.append(f'<text x="{left - 4}" y="{py(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
+    for x in xs:
+        parts.append(f'<text x="{px(x):.1f}" y="{plot_bottom + 14}" text-anchor="middle">{x:g}</text>')
+    parts.append(f'<text x="{left + plot_width / 2:.1f}" y="{plot_bottom + 30}" text-anchor="middle">'
+                 f'{escape(x_label)}</text>')
+    parts.append(f'<text x="14" y="{head + plot_height / 2:.1f}" text-anchor="middle" '
+                 f'transform="rotate(-90 14 {head + plot_height / 2:.1f})">{escape(y_label)}</text>')
+    for k, name in enumerate(names):
+        colour = PALETTE[k % len(PALETTE)]
+        pts = [(x, p) for x, p in zip(xs, series[name]) if p is not None]
+        if len(pts) > 1:
+            path = " ".join(f"{px(x):.1f},{py(m):.1f}" for x, (m, _) in pts)
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        for x, (m, d) in pts:
+            parts.append(f'<line x1="{px(x):.1f}" y1="{py(m - d):.1f}" x2="{px(x):.1f}" y2="{py(m + d):.1f}" '
+                         f'stroke="{colour}"/>')
+            parts.append(f'<circle cx="{px(x):.1f}" cy="{py(m):.1f}" r="3" fill="{colour}">'
+                         f'<title>{escape(name)} at {x:g}: {m:.4g} +- {d:.2g}</title></circle>')
+        ly = plot_bottom + foot + 20 * k
+        parts.append(f'<rect x="{left}" y="{ly - 10}" width="12" height="12" fill="{colour}"/>')
+        parts.append(f'<text x="{left + 18}" y="{ly}">{escape(name)}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
 def _nice_ceiling(v: float) -> float:
     """The smallest of 1, 2, 2.5, 5 times a power of ten that is >= v (a readable axis top)."""
     exp = 10 ** math.floor(math.log10(v))
