@@ -9,23 +9,25 @@ int8 would save memory, not time). A tied embedding shares the head's int8 codes
 Decoding one token reads every weight once, so its speed is bounded by memory bandwidth: int8
 reads a quarter of fp32's bytes. Which matmul reads int8 fast depends on the device:
 
-- CPU: torch._weight_int8pack_mm, which takes bf16 (or fp16/fp32) activations. Measured on
-  this project's 2-core AVX2 box (torch 2.13, 1536x576 = SmolLM2's MLP shape, 30 distinct
-  weights so they come from memory, best of 15): fp32 F.linear 340-530 us, int8pack with
-  bf16 activations 90-100 us, with fp32 activations 1500 us, eager dequantise + F.linear
-  240-4800 us (a new fp32 weight every call), compiled dequantise + linear or multiply-sum
-  (Inductor's C++ reduction) 1200-4500 us; for the 49152x576 head fp32 13-21 ms, int8pack
-  bf16 5-7 ms. So: int8pack with bf16 activations for up to INT8PACK_MAX_ROWS rows (decoding);
-  its kernel is a matrix-vector loop, slower than fp32 GEMM from ~16 rows, so longer inputs
-  (prefill, scoring) use the dequantised weight in one fp32 GEMM. Both compute the same
-  function, y = bf16(bf16(x) @ (q*s)^T), up to fp32 summation order: rounding x and y to bf16
-  is what the fast kernel does, and the wide path does it too so that scoring measures the
-  numbers decoding produces.
+- CPU: torch._weight_int8pack_mm with bf16 activations. `python scripts/bench_int8.py` on this
+  project's 2-core AVX2 box (torch 2.13, SmolLM2's 1536x576 MLP shape, 30 distinct weights so
+  they come from memory, candidates taking turns, best of 10; us per layer, 1 row / 4 rows):
+      fp32 F.linear 378 / 884, fp32 multiply-sum compiled 254 / 803,
+      int8pack bf16 89 / 191, int8pack fp32 826 / 3690,
+      int8 dequantise + F.linear 336 / 1441 (eager), 1323 / 1700 (compiled),
+      int8 multiply-sum compiled (Inductor's C++ loop, int8 loads) 636 / 2904.
+  int8pack with bf16 activations is the only int8 candidate faster than fp32 (4.2x at 1 row),
+  so it runs up to INT8PACK_MAX_ROWS rows (decoding). Its kernel is a matrix-vector loop, slower
+  than an fp32 GEMM from ~16 rows, so longer inputs (prefill, scoring) use the dequantised
+  weight in one fp32 GEMM. Both compute the same function, y = bf16(bf16(x) @ (q*s)^T), up to
+  fp32 summation order: rounding x and y to bf16 is what the fast kernel does, and the wide
+  path does it too, so that scoring measures the numbers decoding produces (it costs the wide
+  path up to 3x of an fp32 forward on this CPU).
 - other devices (CUDA): F.linear(x, q.to(x.dtype)) * s, as gpt-fast does; under torch.compile
   Inductor fuses the dequantisation into the matmul. (Not measured here: no GPU.)
 
-Quality on SmolLM2-135M-Instruct: see tests/test_quantize.py (perplexity on held-out PUD
-sentences stays within PPL_DELTA of fp32).
+Quality, SmolLM2-135M-Instruct from its GGUF, perplexity on the last 100 PUD dev sentences:
++1.28% en, +0.96% zh, +0.97% th over fp32 (tests/test_quantize.py keeps it within PPL_DELTA).
 
 GGUF Q8_0 tensors (one fp16 scale d per 32 weights) map to this layout without a float copy
 of the tensor: `int8_from_q8_0` requantises each row to the row scale max_b(d_b), the scale

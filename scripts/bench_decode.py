@@ -19,7 +19,7 @@ of tokens before each row's first difference.
 
 The weight-streaming limit: a decoding step reads every weight once (the head included, the
 embedding row aside), whatever the batch, so steps/s <= read bandwidth / weight bytes. The read
-bandwidth is measured here (best of 10 sums over a 512 MiB fp32 tensor, all threads); "of limit"
+bandwidth is measured here (best of 10 sums over a 512 MiB fp32 tensor, the sides' threads); "of limit"
 is the measured steps/s over that bound. Compiled sides reuse Inductor's on-disk cache
 (TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_$USER): with --cold-compile each compiled
 side gets a fresh cache folder, so its first call pays the full code generation.
@@ -54,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side, after the first call")
     p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, from {','.join(SIDES)}")
     p.add_argument("--cold-compile", action="store_true", help="a fresh Inductor cache for each compiled side")
+    p.add_argument("--threads", type=int, help="CPU threads of every side (OMP_NUM_THREADS; default: all cores)")
     p.add_argument("--side", choices=OURS, help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -183,6 +184,9 @@ def main(argv=None):
     from model import assets
     source = args.model or assets.smollm2_gguf()
     sides = [s for s in SIDES if s in args.sides.split(",")]
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by torch in every child process
+        torch.set_num_threads(args.threads)
     bandwidth = read_bandwidth()
     print(f"model {source}\ncpu, float32 activations, best of {args.repeats}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s; load average "
