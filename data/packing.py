@@ -17,14 +17,14 @@ so this changes nothing within the piece) and cannot see the earlier piece; the 
 token is not a target, since what precedes it is in another block.
 
 Labels are shifted inside the block: labels[t] = tokens[t+1] when tokens[t+1] is a training
-target of the same document piece, else -100 (IGNORE). So the last token of each document piece
+target of the same document piece, else IGNORE_INDEX (-100). So the last token of each document piece
 and all padding carry no loss, and nothing is predicted across a document boundary.
 """
 from __future__ import annotations
 
 import numpy as np
 
-IGNORE = -100
+from kernels import IGNORE_INDEX
 
 
 def block_bounds(offsets: np.ndarray, seq_len: int, mode: str = "stream") -> np.ndarray:
@@ -55,7 +55,7 @@ def block_bounds(offsets: np.ndarray, seq_len: int, mode: str = "stream") -> np.
 def block_arrays(tokens: np.ndarray, mask: np.ndarray, offsets: np.ndarray, start: int, end: int,
                  seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
     """One block [start, end) of the stream -> int64 arrays [seq_len]: tokens, labels, positions,
-    segments. Padding (after end) has token pad_id, label IGNORE, its own segment id and
+    segments. Padding (after end) has token pad_id, label IGNORE_INDEX, its own segment id and
     positions from 0 (so a padded query still sees itself and softmax stays finite)."""
     n = end - start
     if not 0 < n <= seq_len:
@@ -67,7 +67,7 @@ def block_arrays(tokens: np.ndarray, mask: np.ndarray, offsets: np.ndarray, star
     piece_start = np.maximum(offsets[doc], start)  # a piece split at the block start begins there
     out = {
         "tokens": np.full(seq_len, pad_id, dtype=np.int64),
-        "labels": np.full(seq_len, IGNORE, dtype=np.int64),
+        "labels": np.full(seq_len, IGNORE_INDEX, dtype=np.int64),
         "positions": np.arange(seq_len, dtype=np.int64) - n,
         "segments": np.full(seq_len, segment[-1] + 1, dtype=np.int64),
     }
@@ -76,5 +76,5 @@ def block_arrays(tokens: np.ndarray, mask: np.ndarray, offsets: np.ndarray, star
     out["positions"][:n] = idx - piece_start
     out["segments"][:n] = segment
     target = np.asarray(mask[start + 1:end], dtype=bool) & (segment[1:] == segment[:-1])
-    out["labels"][:n - 1] = np.where(target, ids[1:], IGNORE)
+    out["labels"][:n - 1] = np.where(target, ids[1:], IGNORE_INDEX)
     return out

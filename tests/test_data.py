@@ -17,7 +17,8 @@ import torch
 from data.filter import llama_scorer, perplexity_filter
 from data.formats import conversation_texts, format_records, inscp, orgcp, recovery, sft, tcot, translation
 from data.loader import BatchLoader, PackedDataset
-from data.packing import IGNORE, block_arrays, block_bounds
+from data.packing import block_arrays, block_bounds
+from kernels import IGNORE_INDEX as IGNORE
 from data.prepare import PrepareConfig, prepare
 from data.readers import DataError, InstructionFields, read_conversations, read_texts
 from data.tokenfile import NoSamples, TokenFile, token_dtype, token_paths, tokenizer_identity, write_token_file
