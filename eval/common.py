@@ -180,8 +180,8 @@ class ChatRunner(Runner):
 
     def __init__(self, model, tokenizer, template=None, max_new_tokens: int = 256, batch_size: int = 8,
                  temperature: float = 0.0, seed: int = 0, system: str | None = None,
-                 postprocess: Callable[[str], str] | None = None):
+                 postprocess: Callable[[str], str] | None = None, compile: bool = False):
         template = template if template is not None else get_template(tokenizer, system=system)
         super().__init__(model, tokenizer, template,
                          Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
-                         batch_size=batch_size, postprocess=postprocess)
+                         batch_size=batch_size, postprocess=postprocess, compile=compile)

@@ -98,6 +98,8 @@ class EvalArgs(Flags):
     system: str | None = flag(None, "system prompt for the evaluated models (default: the model's own)")
     seed: int = flag(0, "random seed (k-shot picks, sampling)")
     dtype: str = flag("float32", "weights dtype", choices=("float32", "bfloat16", "float16"))
+    quantize: str | None = flag(None, "int8: int8 weight-only linear layers (model/quantize.py)", choices=("int8",))
+    compile: bool = flag(False, "generate with the compiled one-token step (model.generate, compile=True)")
     device: str = flag(factory=lambda: "cuda" if torch.cuda.is_available() else "cpu", help="torch device")
 
 
@@ -252,7 +254,8 @@ def evaluate_model(model, tokenizer, args, name: str = "model", log=print, resul
     seed_everything(args.seed)
     limit = args.limit or None
     runner = ChatRunner(model, tokenizer, get_template(tokenizer, args.template, system=args.system),
-                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                        compile=args.compile)
     results = {} if results is None else results
     for suite in args.suites:
         start = time.time()
@@ -294,7 +297,10 @@ def evaluate_model(model, tokenizer, args, name: str = "model", log=print, resul
                 path = mtbench.write_answers(records, Path(args.out) / f"answers_{_safe(name)}_{lang}.jsonl")
                 results[suite][lang] = {"answers_file": str(path), "n": len(records), "records": records}
         elif suite == "quick":
-            results[suite] = quick.quick_report(model, tokenizer, runner.template, quick_sizes(args), log=log)
+            sizes = quick_sizes(args)
+            quick_runner = ChatRunner(model, tokenizer, runner.template, max_new_tokens=sizes.max_new_tokens,
+                                      batch_size=sizes.batch_size, compile=args.compile)
+            results[suite] = quick.quick_report(model, tokenizer, runner.template, sizes, runner=quick_runner, log=log)
         log(f"[{name}] {suite} done in {time.time() - start:.0f}s")
         if on_suite:
             on_suite()
@@ -337,7 +343,7 @@ def main(argv=None) -> dict:
         results["config"]["quick_sizes"] = asdict(quick_sizes(args))
     for path, name in zip(args.model, model_names(args.model, args.name)):
         print(f"loading {name} from {path}")
-        model, tokenizer = load(path, dtype=getattr(torch, args.dtype), device=args.device)
+        model, tokenizer = load(path, dtype=getattr(torch, args.dtype), device=args.device, quantize=args.quantize)
         results["models"][name] = {}
         evaluate_model(model, tokenizer, args, name, results=results["models"][name],
                        on_suite=lambda: write_report(results, out))

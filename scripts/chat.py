@@ -50,6 +50,9 @@ class ChatArgs(Flags):
     tag: str = flag("TH", "--tcot: the target-language tag the model was trained with (train/transllm.py --tag); "
                           "<TAG> must be a special token of its tokenizer", rule=tag_problem)
     dtype: str = flag("float32", "weights dtype", choices=("float32", "bfloat16", "float16"))
+    quantize: str | None = flag(None, "int8: int8 weight-only linear layers (model/quantize.py; ~4x less to read "
+                                      "per token)", choices=("int8",))
+    compile: bool = flag(False, "decode with the compiled one-token step (the first answer pays the compile)")
     device: str = flag(factory=lambda: "cuda" if torch.cuda.is_available() else "cpu", help="torch device")
 
     def problems(self) -> list[str]:
@@ -87,7 +90,7 @@ class Fail(Exception):
 def setup(args, path):
     """Load the model and template; -> (model, tokenizer, template). Fail names what is wrong."""
     try:
-        model, tokenizer = load(path, dtype=getattr(torch, args.dtype), device=args.device)
+        model, tokenizer = load(path, dtype=getattr(torch, args.dtype), device=args.device, quantize=args.quantize)
     except (OSError, ValueError, KeyError) as err:
         raise Fail(f"--model {path}: {err}") from None
     try:
@@ -115,7 +118,7 @@ class Session:
         self.room = self.context - args.max_new_tokens       # tokens the prompt may use
         self.runner = Runner(model, tokenizer, template, Sampling(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty, seed=args.seed))
+            repetition_penalty=args.repetition_penalty, seed=args.seed), compile=args.compile)
         self.bot = TCOTChat(model, tokenizer, template, max_new_tokens=args.max_new_tokens, show_thoughts=True,
                             write=write, tags=tcot_tags(args.tag)) if args.tcot else None
         self.messages: list[dict] = []

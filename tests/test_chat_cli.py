@@ -171,3 +171,22 @@ def test_sigint_during_generation_in_a_real_process(models):
     assert proc.returncode == 0, err.decode()
     assert "[stopped]" in text and text.rstrip().endswith("user>")   # back at the prompt, then ended
     assert "Traceback" not in err.decode()
+
+
+def test_quantize_int8_and_compile_reach_the_loaded_model_and_the_decoder(monkeypatch, capsys, models):
+    """--quantize int8 loads int8 linear layers (the answer is the int8 model's greedy answer, not
+    the fp32 one's); --compile reaches the Runner (compiled decoding itself: test_decode_compile)."""
+    from model.quantize import Int8Linear, quantize_int8
+    from model.runner import Runner, Sampling
+    argv = ["--model", str(models["short"]), "--template", "llama2", "--max-new-tokens", "6", "--quantize", "int8"]
+    args = chat.parse_args(argv + ["--compile"])
+    model, tokenizer, template = chat.setup(args, args.model)
+    assert any(isinstance(m, Int8Linear) for m in model.modules())
+    assert chat.Session(model, tokenizer, template, args).runner.compile is True
+
+    reference, _, _ = chat.setup(chat.parse_args(argv[:-2]), args.model)
+    assert not any(isinstance(m, Int8Linear) for m in reference.modules())
+    want = Runner(quantize_int8(reference), tokenizer, template, Sampling(max_new_tokens=6)).answer(
+        [[{"role": "user", "content": "hi"}]])[0]
+    code, out, _ = run_main(monkeypatch, capsys, argv + ["--prompt", "hi"])
+    assert want.strip() and code == 0 and want in out

@@ -493,3 +493,15 @@ def test_cli_writes_results_after_every_suite(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["models"]["tiny"]["ppl"]["pud-en"]["plain"]["ppl"] > 1   # the finished suite is kept
     assert "ppl/pud-en/plain/ppl" in (tmp_path / "report.md").read_text()
+
+
+def test_cli_quantize_int8_evaluates_the_int8_model(tmp_path):
+    """--quantize int8 reaches the loaded model: its perplexity is the int8 model's, close to but
+    not equal to the fp32 one's (int8 quality itself: tests/test_quantize.py)."""
+    from eval import run
+    path = str(need(assets.tinystories_dir))
+    argv = ["--model", path, "--template", "llama2", "--suite", "ppl", "--limit", "2", "--name", "tiny"]
+    fp32 = run.main(argv + ["--out", str(tmp_path / "fp32")])["models"]["tiny"]["ppl"]["pud-en"]["plain"]["ppl"]
+    int8 = run.main(argv + ["--quantize", "int8", "--out", str(tmp_path / "int8")])
+    int8 = int8["models"]["tiny"]["ppl"]["pud-en"]["plain"]["ppl"]
+    assert int8 != fp32 and abs(int8 / fp32 - 1) < 0.05, (fp32, int8)
