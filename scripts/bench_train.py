@@ -9,7 +9,7 @@ bundled Traditional Chinese sample (data/samples/, or --data FILE ...) tokenised
 chat template and packed into blocks of 4 x 256 tokens with document ids and restarting
 positions (train.recipe: load_model, add_adapters, token_files, loaders), LoRA r=16, alpha 32,
 dropout 0.05 on every linear layer of the blocks, train.Trainer.train_step (AdamW, clipping at
-1.0), in the precision train/parallelize.py resolves for --mixed_precision.
+1.0), in the precision train/parallelize.py resolves for --mixed-precision.
 Theirs is PeftModel(LlamaForCausalLM) with the same LoRA on the very same batches: input_ids,
 position_ids (restarting: transformers then masks the packed documents apart too) and our
 already-shifted labels as `shift_labels` (its loss over full fp32 logits), AdamW, clipping; for

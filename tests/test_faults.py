@@ -311,7 +311,7 @@ def test_guard_spikes_and_stalls():
         return None
     steady = [(2.0 - 0.01 * i, 1.0 + 0.1 * (i % 3)) for i in range(10)]
     step, reason = first_alarm(DivergenceGuard(warmup_steps=2), steady + [(9.5, 1.0)])
-    assert step == 11 and reason.startswith("loss 9.5 is 4.9x the median 1.955") and "--guard_loss_factor 4" in reason
+    assert step == 11 and reason.startswith("loss 9.5 is 4.9x the median 1.955") and "--guard-loss-factor 4" in reason
     step, reason = first_alarm(DivergenceGuard(), steady + [(1.9, 2.0e4)])
     assert step == 11 and reason.startswith("gradient norm 2e+04 is")
     stalled = steady[:3] + [(3.25, 0.5)] * 12
@@ -349,7 +349,7 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_loses_nothing(tmp_path, c
                                                                           "--save-every", "2", "--no-export")))
     assert line == (f"error: cannot write the checkpoint to {tmp_path / 'checkpoints' / '.tmp-step_00000004'}"
                     f"{'/' + victim if victim.endswith('.pt') else ''}: No space left on device (ENOSPC); "
-                    "the disk is full: free space there or choose another --out_dir")
+                    "the disk is full: free space there or choose another --out-dir")
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002"]  # no temp left
     assert verify_local(tmp_path / "checkpoints" / "step_00000002") is None
 

@@ -1,5 +1,5 @@
 """train/parallelize.py: activation checkpointing and compiled blocks from outside the model give
-the numbers of the plain model; names stay HF's; --mixed_precision auto follows the CPU's bf16
+the numbers of the plain model; names stay HF's; --mixed-precision auto follows the CPU's bf16
 features. Tiny models, CPU."""
 from __future__ import annotations
 

@@ -15,14 +15,14 @@ import re
 
 # errno -> what the user can do about it
 _ADVICE = {
-    errno.ENOSPC: "the disk is full: free space there or choose another --out_dir",
-    errno.EDQUOT: "the disk quota is exhausted: free space there or choose another --out_dir",
-    errno.EROFS: "the file system is read-only: choose another --out_dir",
-    errno.EACCES: "permission denied: fix the folder's permissions or choose another --out_dir",
-    errno.EPERM: "operation not permitted: fix the folder's permissions or choose another --out_dir",
-    errno.ENOTDIR: "a part of that path is a file, not a folder: choose another --out_dir",
-    errno.EISDIR: "a folder stands where a file should be written: move it away or choose another --out_dir",
-    errno.EEXIST: "a file stands where a folder should be created: move it away or choose another --out_dir",
+    errno.ENOSPC: "the disk is full: free space there or choose another --out-dir",
+    errno.EDQUOT: "the disk quota is exhausted: free space there or choose another --out-dir",
+    errno.EROFS: "the file system is read-only: choose another --out-dir",
+    errno.EACCES: "permission denied: fix the folder's permissions or choose another --out-dir",
+    errno.EPERM: "operation not permitted: fix the folder's permissions or choose another --out-dir",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: choose another --out-dir",
+    errno.EISDIR: "a folder stands where a file should be written: move it away or choose another --out-dir",
+    errno.EEXIST: "a file stands where a folder should be created: move it away or choose another --out-dir",
 }
 _CODE = re.compile(r"\[Errno (\d+)\]|os error (\d+)|Os \{ code: (\d+)")
 

@@ -60,10 +60,10 @@ class DivergenceGuard:
             return None
         if self.zero_grad_run >= self.stall_steps:
             return (f"gradient norm has been exactly 0 since step {step - self.zero_grad_run + 1} "
-                    f"({self.zero_grad_run} steps, loss {loss:.4g}): training stalled (--guard_stall_steps)")
+                    f"({self.zero_grad_run} steps, loss {loss:.4g}): training stalled (--guard-stall-steps)")
         if self.same_loss_run >= self.stall_steps:
             return (f"loss has been exactly {loss!r} since step {step - self.same_loss_run} "
-                    f"({self.same_loss_run + 1} steps): training stalled (--guard_stall_steps)")
+                    f"({self.same_loss_run + 1} steps): training stalled (--guard-stall-steps)")
         return None
 
     def _spike(self, step: int, loss: float, grad_norm: float) -> str | None:
@@ -72,8 +72,8 @@ class DivergenceGuard:
         loss_median, norm_median = statistics.median(self.losses), statistics.median(self.norms)
         if self.loss_factor and loss > self.loss_factor * loss_median and loss - loss_median > MARGIN:
             return (f"loss {loss:.4g} is {loss / loss_median:.1f}x the median {loss_median:.4g} of the last "
-                    f"{len(self.losses)} steps (--guard_loss_factor {self.loss_factor:g})")
+                    f"{len(self.losses)} steps (--guard-loss-factor {self.loss_factor:g})")
         if self.grad_factor and norm_median > 0 and grad_norm > self.grad_factor * norm_median:
             return (f"gradient norm {grad_norm:.4g} is {grad_norm / norm_median:.3g}x the median {norm_median:.4g} "
-                    f"of the last {len(self.norms)} steps (--guard_grad_factor {self.grad_factor:g})")
+                    f"of the last {len(self.norms)} steps (--guard-grad-factor {self.grad_factor:g})")
         return None

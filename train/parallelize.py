@@ -17,7 +17,7 @@ All three keep the module tree and parameter names as they are (each replaces a 
 `forward` on the instance; FSDP2 shards in place), so state dicts, checkpoints and the export
 see HF names and nothing else.
 
-Precision (`--mixed_precision`, see resolve_dtype): fp32 or bf16 compute, with fp32 master
+Precision (`--mixed-precision`, see resolve_dtype): fp32 or bf16 compute, with fp32 master
 weights, gradients and optimizer state in both cases.
   - With FSDP, bf16 is its MixedPrecisionPolicy: bf16 all-gathered weights, fp32 reduction.
   - Without FSDP (one CPU process), bf16 is autocast around forward: matmuls (the base layers,
@@ -60,12 +60,12 @@ def cpu_bf16_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:
 
 
 def resolve_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
-    """--mixed_precision -> the compute dtype. auto: bf16 on a GPU, and on a CPU with native bf16
+    """--mixed-precision -> the compute dtype. auto: bf16 on a GPU, and on a CPU with native bf16
     matmuls (cpu_bf16_flags); fp32 on any other CPU. fp32 / bf16 are taken as given."""
     if mixed_precision in DTYPES:
         return DTYPES[mixed_precision]
     if mixed_precision != "auto":
-        raise ValueError(f"--mixed_precision {mixed_precision!r}: choose auto, bf16 or fp32")
+        raise ValueError(f"--mixed-precision {mixed_precision!r}: choose auto, bf16 or fp32")
     if device.type == "cuda":
         return torch.bfloat16
     return torch.bfloat16 if cpu_bf16_flags() else torch.float32
@@ -74,8 +74,8 @@ def resolve_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
 def precision_note(dtype: torch.dtype, device: torch.device) -> str | None:
     """One line when bf16 was asked for on a CPU that only emulates it (slow, not wrong)."""
     if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_bf16_flags():
-        return ("note: --mixed_precision bf16 on a CPU without AMX / AVX512-BF16: its bf16 matmuls are emulated "
-                "and much slower than fp32 (--mixed_precision auto picks fp32 here)")
+        return ("note: --mixed-precision bf16 on a CPU without AMX / AVX512-BF16: its bf16 matmuls are emulated "
+                "and much slower than fp32 (--mixed-precision auto picks fp32 here)")
     return None
 
 

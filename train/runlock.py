@@ -163,8 +163,8 @@ def _held_message(out_dir: Path, lock: Path, owner: dict) -> str:
     who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')} (started {owner.get('started', '?')})"
     if owner.get("host") not in (None, socket.gethostname()):
         return (f"{out_dir} is in use by {who}; wait for that run to end, or if it is dead delete {lock}, "
-                "or choose another --out_dir")
-    return f"{out_dir} is in use by {who}; wait for that run to end or choose another --out_dir"
+                "or choose another --out-dir")
+    return f"{out_dir} is in use by {who}; wait for that run to end or choose another --out-dir"
 
 
 def release(out_dir: str | os.PathLike) -> None:

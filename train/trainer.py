@@ -157,7 +157,7 @@ class Trainer:
         latest = self.checkpoints.latest()
         if latest and not self.config.resume:
             raise TrainError(f"{self.out_dir} already holds a checkpoint ({Path(latest).name}); pass --resume to "
-                             f"continue that run, or choose a new --out_dir")
+                             f"continue that run, or choose a new --out-dir")
         if not latest:
             return None
         intact, damaged = self.checkpoints.newest_intact()
@@ -176,7 +176,7 @@ class Trainer:
                 diff = _diff(meta.get("config", {}), hashed_fields(self.config))
                 raise TrainError(f"{self.out_dir} holds a checkpoint of a different run (config hash "
                                  f"{meta.get('config_hash')} != {self.run_hash}{'; ' + diff if diff else ''}); "
-                                 f"choose a new --out_dir")
+                                 f"choose a new --out-dir")
         self._on_main("the checkpoints", self.checkpoints.root, set_aside_and_match)
         return str(intact)
 
