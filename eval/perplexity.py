@@ -19,11 +19,11 @@ from __future__ import annotations
 import math
 
 from eval.common import encode_with_bos, max_len_of, score_tokens
+from model.chat import get_template
 
 
 def inscp_ids(tokenizer, text: str, template=None) -> tuple[list[int], list[bool]]:
     """(ids, scored) of text in the InsCP form; scored marks the assistant's text + end-of-turn."""
-    from model.chat import get_template
     template = template or get_template(tokenizer)
     messages = [{"role": "user", "content": ""}, {"role": "assistant", "content": text}]
     return template.render_with_mask(messages, add_generation_prompt=False, default_system=False)

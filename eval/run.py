@@ -43,6 +43,7 @@ from data.flags import Flags, fail, flag, parse
 from eval.common import ChatRunner, data_file, device_problem, first_problem, read_jsonl, seed_everything
 from eval.report import write_report
 from model.chat import TEMPLATES, get_template
+from model.checkpoint import load, load_tokenizer_only
 from model.tcot import TCOTRunner, missing_tags, tag_problem, tcot_tags
 
 SUITES = ("alignment", "nll", "ppl", "mc", "refusal", "translation", "mtbench", "quick")
@@ -192,7 +193,6 @@ def check_paths(args) -> str | None:
     """Before any model is loaded: the models, the judge, every data file, the --out folder (made
     and tested for writing), and each model's chat template (its tokenizer alone is read).
     -> the first problem as one line, or None."""
-    from model.checkpoint import load_tokenizer_only
     for name, path in [("--model", m) for m in args.model] + ([("--judge", args.judge)] if args.judge else []):
         if not Path(path).exists():
             return f"{name} {path}: no such file or folder"
@@ -315,7 +315,6 @@ def _safe(name: str) -> str:
 
 def _grade_mtbench(results: dict, args, log=print) -> None:
     """Load the judge once and grade every model's MT-bench answers in place."""
-    from model.checkpoint import load
     judge_model, judge_tok = load(args.judge, dtype=getattr(torch, args.dtype), device=args.device)
     judge_runner = ChatRunner(judge_model, judge_tok, get_template(judge_tok, args.judge_template),
                               max_new_tokens=args.judge_max_new_tokens,
@@ -333,7 +332,6 @@ def main(argv=None) -> dict:
     if problem:
         print(f"eval.run: error: {problem}", file=sys.stderr)
         raise SystemExit(2)
-    from model.checkpoint import load
     out = Path(args.out)
     internal = {"suites", "explicit", "nll_set_list"}
     if args.suites == ["quick"]:  # the quick suite's own sizes, not eval.run's defaults it ignores

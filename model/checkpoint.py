@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from model import quantize as quantize_lib
 from model.config import LlamaConfig
+from model.gguf import GGUFFile, iter_hf_tensors, llama_hf_config
 from model.llama import Llama
 from model.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
 from model.gguf_tokenizer import tokenizer_from_gguf
@@ -51,7 +52,6 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
         raise ValueError(f"quantize={quantize!r}: only 'int8' is implemented")
     path = _existing(path)
     if path.suffix == ".gguf":
-        from model.gguf import GGUFFile, iter_hf_tensors, llama_hf_config
         gguf = GGUFFile(path)
         config = LlamaConfig.from_hf(llama_hf_config(gguf), source=str(path))
         tensors = quantize_lib.gguf_tensors_int8(gguf, config) if quantize else iter_hf_tensors(gguf)
@@ -70,7 +70,6 @@ def load_tokenizer_only(path: str | os.PathLike):
     building the model: enough to tokenise a corpus."""
     path = _existing(path)
     if path.suffix == ".gguf":
-        from model.gguf import GGUFFile
         metadata = GGUFFile(path).metadata
         tokenizer = tokenizer_from_gguf(metadata)
         tokenizer.chat_template = metadata.get("tokenizer.chat_template")

@@ -46,6 +46,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.gguf import hf_name, iter_hf_tensors, unpermute_rotary
+
 SCALE_DTYPE = torch.bfloat16
 INT8PACK_MAX_ROWS = 8  # measured crossover: int8pack beats fp32 GEMM at 1-4 rows, loses from 16
 _CHUNK_ROWS = 4096     # rows quantised at a time: bounds the float temporaries of a big tensor
@@ -185,7 +187,6 @@ def gguf_tensors_int8(gguf, config) -> Iterator[tuple[str, torch.Tensor | Int8We
     """model.gguf.iter_hf_tensors, except that the Q8_0 weights of linear layers (and a tied
     embedding) come as Int8Weight straight from their blocks (int8_from_q8_0), q/k rows
     un-permuted as iter_hf_tensors does; every other tensor as it yields it."""
-    from model.gguf import hf_name, iter_hf_tensors, unpermute_rotary
     direct = {}
     for name, info in gguf.tensors.items():
         target = hf_name(name) if info.ggml_type == "Q8_0" else None

@@ -452,7 +452,7 @@ def test_cli_end_to_end_on_tinystories(tmp_path):
 def test_cli_checks_flags_paths_and_data_before_loading_a_model(tmp_path, monkeypatch, capsys):
     from eval import run
     path = str(need(assets.tinystories_dir))
-    monkeypatch.setattr("model.checkpoint.load", lambda *a, **k: pytest.fail("a model was loaded before the checks"))
+    monkeypatch.setattr(run, "load", lambda *a, **k: pytest.fail("a model was loaded before the checks"))
 
     def refused(argv, *named):
         with pytest.raises(SystemExit) as exit_:
