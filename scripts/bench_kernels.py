@@ -196,6 +196,7 @@ def bench_gpu(ops) -> None:
     print("| op | impl | fwd ms | fwd+bwd ms | peak extra MiB (fwd+bwd) | fwd GB/s | fwd+bwd GB/s | "
           "fwd+bwd % of copy | fwd+bwd TFLOP/s |")
     print("|---|---|---|---|---|---|---|---|---|")
+    measured = []  # (case name, impl, fwd+bwd ms, fwd+bwd share of copy bandwidth) for the goals
     for name, make, fns, fwd_bytes, fb_bytes, fwd_flops, fb_flops in cases(ops):
         for impl, fn in fns.items():
             inputs = make()
@@ -216,14 +217,38 @@ def bench_gpu(ops) -> None:
                 peak = peak_extra_bytes(fwd_bwd)
             except Exception as err:  # e.g. out of memory for the materialised path
                 print(f"| {name} | {impl} | failed: {type(err).__name__}: {str(err)[:80]} ||||||||")
+                measured.append((name, impl, float("inf"), 0.0))  # a failed kernel misses its goal
                 torch.cuda.empty_cache()
                 continue
             tflops = f"{fb_flops / t_fb / 1e9:.1f}" if fb_flops else "-"
             fb_gbs = fb_bytes / t_fb / 1e6
             print(f"| {name} | {impl} | {t_f:.3f} | {t_fb:.3f} | {peak / 2**20:.0f} | "
                   f"{fwd_bytes / t_f / 1e6:.0f} | {fb_gbs:.0f} | {100 * fb_gbs / copy:.0f}% | {tflops} |", flush=True)
+            measured.append((name, impl, t_fb, fb_gbs / copy))
             inputs = None  # frees this case's tensors before the next one
             torch.cuda.empty_cache()
+    print_goals(measured)
+
+
+ELEMENTWISE = ("rmsnorm", "rope", "swiglu")
+
+
+def print_goals(measured) -> None:
+    """One "GOAL" line per goal of issue 15: each elementwise Triton kernel's fwd+bwd at >= 85% of
+    the copy bandwidth; Triton flash attention fwd+bwd at >= 0.9x the speed of SDPA's flash backend."""
+    times = {(name, impl): (ms, share) for name, impl, ms, share in measured}
+    for (name, impl), (ms, share) in times.items():
+        if impl == "triton" and name.startswith(ELEMENTWISE):
+            verdict = "met" if share >= 0.85 else "NOT met"
+            print(f"GOAL kernels {name}: fwd+bwd >= 85% of copy bandwidth: {share:.0%} ({verdict})")
+        if impl == "triton" and name.startswith("flash_attention"):
+            sdpa = times.get((name, "sdpa (flash backend)"))
+            if sdpa is None or sdpa[0] == float("inf"):
+                print(f"GOAL kernels {name}: fwd+bwd >= 0.9x SDPA flash: no SDPA flash time (NOT met)")
+                continue
+            speed = sdpa[0] / ms
+            verdict = "met" if speed >= 0.9 else "NOT met"
+            print(f"GOAL kernels {name}: fwd+bwd >= 0.9x SDPA flash: {speed:.2f}x ({verdict})")
 
 
 # ---- CPU memory of the linear cross-entropy -------------------------------------------------
