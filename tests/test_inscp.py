@@ -136,3 +136,12 @@ def test_report_needs_the_export(base, tmp_path, capsys):
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == ("error: --report: needs --export (the report reads the merged final "
                                                "model); or pass --no-report")
+
+
+def test_done_message_names_the_exported_model_or_says_there_is_none():
+    from train.inscp import done_message
+    exported = done_message({"step": 3, "loss": 1.0, "eval_loss": None, "final": "r/final", "adapter": "r/adapter"}, "r")
+    assert exported.splitlines()[1:] == ["metrics  r/metrics.jsonl", "model    r/final", "adapter  r/adapter",
+                                         "chat:    python scripts/chat.py --model r/final"]
+    none = done_message({"step": 3, "loss": 1.0, "eval_loss": 2.0, "final": None}, "r")
+    assert none.splitlines()[-1] == "model    not exported (--no-export)" and "None" not in none

@@ -40,10 +40,13 @@ def done_message(summary: dict, out_dir: str) -> str:
     """Where the results are, for the user at the end of a run."""
     fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731  (None: the run was already complete)
     lines = [f"done: step {summary['step']}, loss {fmt(summary['loss'])}, eval loss {fmt(summary['eval_loss'])}",
-             f"metrics  {Path(out_dir) / 'metrics.jsonl'}", f"model    {summary.get('final')}"]
+             f"metrics  {Path(out_dir) / 'metrics.jsonl'}"]
+    if not summary.get("final"):
+        return "\n".join(lines + ["model    not exported (--no-export)"])
+    lines.append(f"model    {summary['final']}")
     if summary.get("adapter"):
         lines.append(f"adapter  {summary['adapter']}")
-    lines.append(f"chat:    python scripts/chat.py --model {summary.get('final')}")
+    lines.append(f"chat:    python scripts/chat.py --model {summary['final']}")
     return "\n".join(lines)
 
 
