@@ -18,7 +18,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 # The main job on its embedded default: InsCP of SmolLM2-135M-Instruct on the bundled Traditional
-# Chinese sample (minutes on 2 CPU cores). It ends with the before/after table of train/report.py
+# Chinese sample (8 steps; minutes on 2 CPU cores). It ends with the before/after table of train/report.py
 # (answer NLL, answers in the prompt's language, end-of-turn rate, and a Traditional Chinese and an
 # English answer of the starting and the trained model; runs/inscp/report.md has the charts too).
 # The script path works without sys.path tricks because the project is installed editable above.
