@@ -7,9 +7,7 @@ apart by their writing systems, so counting letters per Unicode script answers n
     Han characters          -> "zh-Hant" / "zh-Hans" / "zh" (see below)
     Han + kana              -> "ja"     (Japanese mixes Han with kana; Chinese never uses kana)
     Hangul                  -> "ko"
-    Latin letters           -> "en"     (any Latin-script text: we cannot tell English from French
-                                         by script, and no answer in this project is expected in
-                                         another Latin-script language)
+    Latin letters           -> "en", or "latin" for another Latin-script language (below)
     Cyrillic, Arabic, ...   -> the script name ("cyrillic", ...)
     no letters at all       -> "unknown"
 
@@ -17,6 +15,18 @@ Digits, punctuation, spaces and emoji count for nothing. A Han character carries
 text as three Latin letters (a Chinese word is ~1.5 characters, an English one ~5 letters), so
 CJK characters weigh 3 when the dominant script is chosen; otherwise an all-Chinese answer that
 quotes one English product name could be called English.
+
+English versus other Latin-script languages
+-------------------------------------------
+Script cannot tell English from French, and a small chat model trained on non-English text does
+answer English questions in French ("What is the capital of France?" -> "L'Étoile, la
+Marseillaise, ..."). So Latin-script text is English unless it reads as another language: its
+words are compared with two hand-written lists of frequent function words, English ones and
+those of French, Spanish, Portuguese, Italian, German and Dutch that are not also English words
+(ambiguous ones such as "a", "in", "die", "son", "no", "per", "on" are in neither). Each
+letter with a diacritic English does not use (é, ñ, ü, ß, ...) counts a third of a foreign word,
+since English loans (café, naïve) have few. Text with more foreign evidence than English words
+is "latin"; text with neither (a bare name, "Paris.") stays "en".
 
 Traditional versus Simplified Chinese
 -------------------------------------
@@ -35,6 +45,7 @@ and 796 of the 800 Traditional PUD sentences come out zh-Hant (the other 4 are p
 """
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
@@ -157,8 +168,38 @@ def identify(text: str) -> LangGuess:
     if script == "han":
         lang, trad, simp = chinese_variant(text)
         return LangGuess(lang, script, dict(counts), trad, simp)
-    lang = {"latin": "en", "thai": "th", "kana": "ja", "hangul": "ko"}.get(script, script)
+    if script == "latin":
+        return LangGuess(latin_language(text), script, dict(counts))
+    lang = {"thai": "th", "kana": "ja", "hangul": "ko"}.get(script, script)
     return LangGuess(lang, script, dict(counts))
+
+
+# Frequent function words. FOREIGN: French, Spanish, Portuguese, Italian, German, Dutch words that
+# are not English words (see the module docstring); written for this project.
+ENGLISH_WORDS = frozenset("""the and is are was were be been of to that this it its for with as at by from or
+but not you your we they he she his her them their there what which who will would can could
+should have has had do does did if than then these those about into more most also such any all
+some one two how when where why because while very just only other our my me i am""".split())
+FOREIGN_WORDS = frozenset("""le la les des du une est et que qui dans pour pas sur avec au aux ce cette ces il
+elle ils elles sont nous vous leur mais ou où été être fait très plus comme tout aussi
+el los las del por con una es y lo su sus para como más pero muy está son fue entre sin sobre
+um uma os não para mais ao das dos pelo pela também são foi
+il di che è non gli della delle degli sono alla nel nella anche più questo questa
+der das und ist nicht mit ein eine dem den des zu von auf für sich auch wird sind nach bei wie
+oder aus einer eines noch nur durch über het een van zijn niet voor met ook maar naar wordt""".split())
+# "com" (Portuguese "with") is left out: every ".com" would count.
+_WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
+_ENGLISH_LETTERS = frozenset("abcdefghijklmnopqrstuvwxyz")
+
+
+def latin_language(text: str) -> str:
+    """Latin-script text -> "en", or "latin" when it reads as another language (module docstring)."""
+    words = [w.split("'")[-1] for w in _WORD.findall(text.lower())]  # l'étoile -> étoile, d'un -> un
+    english = sum(w in ENGLISH_WORDS for w in words)
+    foreign = sum(w in FOREIGN_WORDS for w in words)
+    marked = sum(char_script(c) == "latin" and c not in _ENGLISH_LETTERS for c in text.lower())
+    evidence = foreign + marked / 3
+    return "latin" if evidence > english and evidence >= 1 else "en"
 
 
 def language_shares(texts: list[str]) -> dict[str, float]:

@@ -168,6 +168,29 @@ def test_langid_simplified_traditional_and_others():
         {"en": 0.5, "th": 0.25, "zh-Hant": 0.25}
 
 
+def test_langid_tells_english_from_other_latin_script_languages():
+    # hand-written sentences; the first is what an InsCP-trained SmolLM2 answered to
+    # "What is the capital of France?"
+    foreign = ["L'Étoile, la Marseillaise, la femme, la femme au martyre", "La capitale de la France est Paris.",
+               "El perro come en la casa con su familia.", "Der Hund ist nicht im Haus und das ist gut.",
+               "Il gatto è sulla sedia e non vuole scendere.", "O gato não está em casa com a família.",
+               "De hond is niet in het huis."]
+    english = ["The capital of France is Paris.", "Paris.", "I had a café au lait and a croissant at the café.",
+               "Hello there! How can I assist you today?", "résumé", "Visit google.com for more."]
+    assert [identify(t).lang for t in foreign] == ["latin"] * len(foreign)
+    assert [identify(t).lang for t in english] == ["en"] * len(english)
+
+
+def test_langid_keeps_real_english_text_english():
+    pud = read_jsonl(need(assets.shared_file, "data", "parallel", "pud_en_th_zh.dev.jsonl"))
+    alpaca = read_jsonl(need(assets.shared_file, "data", "instruct", "alpaca_en_demo.jsonl"))
+    assert all(identify(r["en"]).lang == "en" for r in pud)
+    assert all(identify(r["instruction"]).lang == "en" for r in alpaca)
+    # of 999 reference answers only the two that ARE Spanish (translation tasks) read as foreign
+    assert [r["output"] for r in alpaca if identify(r["output"]).lang == "latin"] == [
+        '"No hay lugar como el hogar"', '"La vida es un viaje, no un destino."']
+
+
 def test_simplified_table_is_absent_from_real_traditional_text():
     text = need(assets.shared_file, "data", "mono", "zh_tw_drcd.dev.txt").read_text(encoding="utf-8")
     han = sum("\u4e00" <= c <= "\u9fff" for c in text)
