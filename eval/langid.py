@@ -23,7 +23,7 @@ answer English questions in French ("What is the capital of France?" -> "L'Étoi
 Marseillaise, ..."). So Latin-script text is English unless it reads as another language: its
 words are compared with two hand-written lists of frequent function words, English ones and
 those of French, Spanish, Portuguese, Italian, German and Dutch that are not also English words
-(ambiguous ones such as "a", "in", "die", "son", "no", "per", "on" are in neither). Each
+(ambiguous ones such as "a", "in", "die", "son", "no", "per", "on", "van", "pour" are in neither). Each
 letter with a diacritic English does not use (é, ñ, ü, ß, ...) counts a third of a foreign word,
 since English loans (café, naïve) have few. Text with more foreign evidence than English words
 is "latin"; text with neither (a bare name, "Paris.") stays "en".
@@ -180,14 +180,14 @@ ENGLISH_WORDS = frozenset("""the and is are was were be been of to that this it 
 but not you your we they he she his her them their there what which who will would can could
 should have has had do does did if than then these those about into more most also such any all
 some one two how when where why because while very just only other our my me i am""".split())
-FOREIGN_WORDS = frozenset("""le la les des du une est et que qui dans pour pas sur avec au aux ce cette ces il
-elle ils elles sont nous vous leur mais ou où été être fait très plus comme tout aussi
-el los las del por con una es y lo su sus para como más pero muy está son fue entre sin sobre
-um uma os não para mais ao das dos pelo pela também são foi
-il di che è non gli della delle degli sono alla nel nella anche più questo questa
-der das und ist nicht mit ein eine dem den des zu von auf für sich auch wird sind nach bei wie
-oder aus einer eines noch nur durch über het een van zijn niet voor met ook maar naar wordt""".split())
-# "com" (Portuguese "with") is left out: every ".com" would count.
+FOREIGN_WORDS = frozenset("""le la les des du une est et que qui dans sur avec au aux ce cette ces il
+elle ils elles sont nous vous leur mais ou où été être fait très comme tout aussi
+el los las del por una es y lo su sus para como más pero muy está fue entre sobre
+uma os não para mais ao das dos pelo pela também são foi
+il di che è gli della delle degli sono alla nel nella anche più questo questa
+der das und ist nicht mit ein eine dem zu von auf für sich auch wird sind nach bei wie
+oder aus einer eines noch nur durch über het een zijn niet voor ook maar naar wordt""".split())
+# Left out as English words too: com (".com"), son, sin, con, den, van, met, pour, plus, non, um.
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 _ENGLISH_LETTERS = frozenset("abcdefghijklmnopqrstuvwxyz")
 
