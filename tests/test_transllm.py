@@ -311,3 +311,31 @@ def test_tag_zh_is_one_special_id_in_the_vocabulary_the_samples_and_tcot_inferen
                        "--out", str(tmp_path / "eval")])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and "--tag TH: <TH> is not a special token" in err, err
+
+
+def test_no_recovery_kd_leaves_the_kd_samples_and_their_tcot_out_of_stage3(tmp_path, monkeypatch):
+    """The ablation switch: with --no-recovery-kd, stage 3 has no recovery samples and no TCOT
+    samples made from KD answers (the QA TCOT samples and the translation pairs stay), and the
+    original model is never asked for KD answers."""
+    from train import transllm
+    from train.config import parse_args
+    base = need(assets.tinystories_dir)
+    kd_rows = [{"id": "1", "instruction": "Say hi.", "output": "Hi."}, {"id": "2", "instruction": "Count.", "output": "1 2 3"}]
+    monkeypatch.setattr(transllm, "kd_for_stage3", lambda cfg: kd_rows)
+    common = ["--tcot-translation", "self"]
+    translated = []
+    monkeypatch.setattr(build, "self_translator",
+                        lambda *a, **k: lambda texts, src, tgt: translated.extend(texts) or [f"[{tgt}] {t}" for t in texts])
+
+    def tcot_rows(data):
+        return sum(1 for _ in open(data["tcot"][0][0], encoding="utf-8"))
+    with_kd = transllm.transfer_data(parse_args(transllm.TransLLMConfig, argv(base, tmp_path / "a", *common)),
+                                     model=torch.nn.Linear(1, 1))
+    assert set(with_kd) == {"tcot", "recovery", "translation"} and tcot_rows(with_kd) == 4 + 2 and translated
+
+    monkeypatch.setattr(transllm, "kd_for_stage3", lambda cfg: pytest.fail("KD answers were asked for"))
+    translated.clear()
+    without = transllm.transfer_data(parse_args(transllm.TransLLMConfig, argv(base, tmp_path / "b", *common,
+                                                                             "--no-recovery-kd")),
+                                     model=torch.nn.Linear(1, 1))
+    assert set(without) == {"tcot", "translation"} and tcot_rows(without) == 4 and not translated

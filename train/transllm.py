@@ -123,6 +123,8 @@ class TransLLMConfig(RecipeConfig):
                    help="aligned QA .jsonl for TCOT samples ('' = none)")
     qa_limit: int = flag(16, "first N QA rows (0 = all)", rule=at_least(0, " (0 = all)"))
     qa_context: bool = flag(False, "put the passage in the query (long samples)")
+    recovery_kd: bool = flag(True, "stage 3: the recovery-KD samples (the ORIGINAL model's answers) and their "
+                                   "TCOT samples; --no-recovery-kd leaves both out (the paper's ablation)")
     kd: str = flag("", "recovery-KD .jsonl of the ORIGINAL model (scripts/generate_kd.py); '' = generate "
                        "out_dir/data/kd.jsonl now")
     kd_instructions: str = flag(factory=lambda: _shared("data", "instruct", "alpaca_en_demo.jsonl"),
@@ -278,8 +280,9 @@ def transfer_data(cfg: TransLLMConfig, model=None, tokenizer=None, template=None
     """Stage 3, transfer fine-tuning: TCOT samples (answer after <TAG>, --tag), recovery-KD samples
     and translation SFT in both directions, each its own format."""
     out: dict[str, list] = {"tcot": [], "recovery": [], "translation": []}
-    kd_rows = kd_for_stage3(cfg)
-    out["recovery"].append((_write(build.recovery_rows(kd_rows), "stage3_recovery.jsonl", cfg), {}))
+    kd_rows = kd_for_stage3(cfg) if cfg.recovery_kd else []
+    if kd_rows:
+        out["recovery"].append((_write(build.recovery_rows(kd_rows), "stage3_recovery.jsonl", cfg), {}))
     tcot_rows = []
     if cfg.qa:
         try:
@@ -292,7 +295,7 @@ def transfer_data(cfg: TransLLMConfig, model=None, tokenizer=None, template=None
             tcot_rows += build.tcot_from_kd(kd_rows, translations=build.read_translations(cfg.kd_translations))
         except DataError as err:
             raise TrainError(str(err)) from None
-    elif cfg.tcot_translation == "self":
+    elif cfg.tcot_translation == "self" and kd_rows:
         model.eval()  # no LoRA dropout while it translates
         translate = build.self_translator(model, tokenizer, template, cfg.translate_max_new_tokens,
                                           progress=cfg.progress)
