@@ -149,6 +149,9 @@ def evaluate(model, template, sets: list[str] | None = None, limit: int | None =
     results = {}
     for name in sets or sets_for(split):
         pairs = load_pairs(name, limit, max_chars, split)
+        if not pairs:  # e.g. XQuAD's holdout half has no item of <= 400 characters
+            raise ValueError(f"answer NLL {name} ({split} split, {set_file(name, split)}): no item of at most "
+                             f"{max_chars} characters: allow longer ones (the quick report's nll-max-chars size)")
         results[name] = {"lang": QA_SETS[name].lang,
                          **answer_nll(model, template, pairs, batch_size, desc=f"answer nll {name}")}
     return results

@@ -201,6 +201,15 @@ def test_answer_nll_sets_pick_the_same_items_by_characters():
         answer_nll.set_file("alpaca-en", "holdout")
 
 
+def test_a_set_with_no_item_short_enough_is_one_clear_error():
+    """XQuAD's holdout half has no item of <= 400 characters: refused naming set, split and size,
+    before any model work (the model here would fail if it were called)."""
+    need(assets.shared_file, "holdout", "qa", "xquad_en_th.test.jsonl")
+    assert answer_nll.load_pairs("xquad-th", None, 400, "holdout") == []
+    with pytest.raises(ValueError, match=r"answer NLL xquad-th \(holdout split.*no item of at most 400 characters"):
+        answer_nll.evaluate(None, None, ["xquad-th"], max_chars=400, split="holdout")
+
+
 # ------------------------------------------------------------------ end of turn
 
 class StopAt(Llama2Template):
