@@ -8,7 +8,6 @@ cache makes later runs faster), so these are marked slow; they still run under p
 from __future__ import annotations
 
 import pytest
-import torch
 from torch._dynamo.utils import counters
 
 from model.generate import Sampling, generate

@@ -14,7 +14,7 @@ from model.llama import Llama
 from model.lora import apply_lora
 from train import distributed
 from train.config import TrainConfig
-from train.parallelize import (Plan, apply_activation_checkpointing, apply_compile, cpu_bf16_flags, parallelize,
+from train.parallelize import (Plan, apply_activation_checkpointing, cpu_bf16_flags, parallelize,
                                resolve_dtype)
 from train.trainer import Trainer
 from trainer_worker import ToyLoader
