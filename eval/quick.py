@@ -56,7 +56,7 @@ def data_files() -> list:
 
 
 def quick_report(model, tokenizer, template=None, sizes: QuickSizes | None = None, runner=None,
-                 log=None, split: str = "data") -> dict:
+                 log=None, split: str = "data", compile: bool = False) -> dict:
     """-> {"answer_nll": {set: {"answer_nll", "eot_nll", "lang", "tokens", "n", "truncated"}},
            "alignment": {"en"|"th"|"zh-Hant": {"aligned", "echo_degenerate", "end_of_turn", "shares", ...}},
            "overall": {"end_of_turn": share over all prompts},
@@ -68,11 +68,12 @@ def quick_report(model, tokenizer, template=None, sizes: QuickSizes | None = Non
     prompts (default: ChatRunner, greedy, with `sizes`); a runner without `.results` (e.g.
     model.tcot.TCOTRunner, whose answer is the text after <TH>) gives end_of_turn None.
     log(str): progress lines (default: none). split: "data" (dev, for choosing anything) or
-    "holdout" (final numbers only; alpaca-en has no holdout half and is left out)."""
+    "holdout" (final numbers only; alpaca-en has no holdout half and is left out). compile: the
+    default runner decodes with the compiled one-token step."""
     sizes = sizes or QuickSizes()
     template = template or get_template(tokenizer)
     runner = runner or ChatRunner(model, tokenizer, template, max_new_tokens=sizes.max_new_tokens,
-                                  batch_size=sizes.batch_size)
+                                  batch_size=sizes.batch_size, compile=compile)
     was_training = getattr(model, "training", False)
     model.eval()
     start = time.time()

@@ -297,10 +297,8 @@ def evaluate_model(model, tokenizer, args, name: str = "model", log=print, resul
                 path = mtbench.write_answers(records, Path(args.out) / f"answers_{_safe(name)}_{lang}.jsonl")
                 results[suite][lang] = {"answers_file": str(path), "n": len(records), "records": records}
         elif suite == "quick":
-            sizes = quick_sizes(args)
-            quick_runner = ChatRunner(model, tokenizer, runner.template, max_new_tokens=sizes.max_new_tokens,
-                                      batch_size=sizes.batch_size, compile=args.compile)
-            results[suite] = quick.quick_report(model, tokenizer, runner.template, sizes, runner=quick_runner, log=log)
+            results[suite] = quick.quick_report(model, tokenizer, runner.template, quick_sizes(args), log=log,
+                                                compile=args.compile)
         log(f"[{name}] {suite} done in {time.time() - start:.0f}s")
         if on_suite:
             on_suite()
