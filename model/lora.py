@@ -91,7 +91,7 @@ class LoRALinear(nn.Linear):
         # The casts are autograd ops, so A and B get fp32 gradients.
         dtype = compute_dtype(x)
         return y + LoRAUpdate.apply(x.to(dtype), self.lora_A.to(dtype), self.lora_B.to(dtype), keep, self.scale,
-                                    self.dropout)
+                                    dropout_p(self.dropout))
 
     def delta(self) -> torch.Tensor:
         """The update as a full matrix, scale * B @ A, [out, in] (computed in fp32)."""
@@ -115,13 +115,31 @@ class LoRALinear(nn.Linear):
                 f"merged={self.merged}")
 
 
-def dropout_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor | None:
-    """Bool mask shaped like x, True with probability 1 - p (None when p == 0).
+MASK_BITS = 15  # resolution of the dropout draw: p counts in steps of 2^-15
 
-    `rand >= p` draws the same Bernoulli(1 - p) as nn.Dropout's bernoulli_ but about 1.8x faster
-    on CPU, where drawing a mask costs about as much as the base layer's matmul.
+
+def dropout_p(p: float) -> float:
+    """The dropout probability a keep-mask really draws: p rounded to a multiple of 2^-15
+    (0.05 -> 0.0499878); its 1 / (1 - p) rescaling must use this value to stay unbiased."""
+    return round(p * 2**MASK_BITS) / 2**MASK_BITS
+
+
+def dropout_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor | None:
+    """Bool mask shaped like x, True with probability 1 - dropout_p(p) (None when p == 0).
+
+    Why not `rand(x.shape) >= p`: drawing the mask costs as much as the layer's matmul on a CPU,
+    and each float of torch.rand is one generator draw for 24 bits. One int64 draw holds 63
+    random bits (random_() spans [0, 2^63)), so each is split into four 16-bit fields, and the
+    top bit of each field is cleared (the last field's is always 0), leaving four independent
+    15-bit uniforms per draw: the same Bernoulli mask from a quarter of the draws, about 2.6x
+    faster on a CPU (1024 x 576: 0.82 ms vs 2.10 ms on the 2-core Xeon). Any device, one path.
     """
-    return torch.rand(x.shape, device=x.device) >= p if p > 0 else None
+    if p <= 0:
+        return None
+    n = x.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
+    fields = words.view(torch.int16)[:n] & (2**MASK_BITS - 1)   # [n] uniform over 0 .. 2^15 - 1
+    return (fields >= round(p * 2**MASK_BITS)).view(x.shape)
 
 
 def _dropped(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 from model.checkpoint import load, save
 from model.config import preset
 from model.llama import Llama
-from model.lora import (ALL_LINEAR, LoRAConfig, LoRALinear, LoRAUpdate, apply_lora, dropout_keep_mask,
+from model.lora import (ALL_LINEAR, LoRAConfig, LoRALinear, LoRAUpdate, apply_lora, dropout_keep_mask, dropout_p,
                         load_adapter, lora_modules, lora_update_reference, merge_lora, save_adapter)
 from tests.conftest import need_module
 
@@ -232,9 +232,19 @@ def test_lora_layers_reading_one_input_save_it_once_with_bool_masks():
 
 
 def test_dropout_keep_mask_rate_and_lora_linear_uses_it_in_training_only():
+    assert dropout_p(0.05) == 1638 / 2**15 and dropout_p(0.5) == 0.5 and dropout_p(0.0) == 0.0
     keep = dropout_keep_mask(torch.empty(1_000_000), 0.05)
     # mean of 1e6 Bernoulli(0.95): std 2.2e-4, so 0.95 +- 1e-3 is 4.6 standard deviations
     assert keep.dtype == torch.bool and abs(keep.float().mean().item() - 0.95) < 1e-3
+    # each int64 draw feeds 4 neighbouring entries; each of the 4 must be Bernoulli(0.95) on its
+    # own (the draw's top bit is always 0: used unmasked, entry 3 would always be kept and the
+    # others kept at 0.475). 250k each: std 4.4e-4, so 2e-3 is 4.5 standard deviations.
+    by_field = keep.view(-1, 4).float().mean(0)
+    assert (by_field - 0.95).abs().max() < 2e-3, by_field
+    for p in (0.1, 0.5):
+        rate = dropout_keep_mask(torch.empty(1_000_000), p).float().mean().item()
+        assert abs(rate - (1 - p)) < 3e-3, (p, rate)
+    assert dropout_keep_mask(torch.empty(5, 3), 0.3).shape == (5, 3)  # numel not a multiple of 4
     assert dropout_keep_mask(torch.empty(3), 0.0) is None
     layer = LoRALinear(torch.nn.Linear(12, 7, bias=False), r=3, alpha=6, dropout=0.3)
     with torch.no_grad():
@@ -244,7 +254,7 @@ def test_dropout_keep_mask_rate_and_lora_linear_uses_it_in_training_only():
     trained = layer.train()(x)
     torch.manual_seed(11)
     mask = dropout_keep_mask(x, 0.3)
-    expected = x @ layer.weight.t() + lora_update_reference(x, layer.lora_A, layer.lora_B, mask, 2.0, 0.3)
+    expected = x @ layer.weight.t() + lora_update_reference(x, layer.lora_A, layer.lora_B, mask, 2.0, dropout_p(0.3))
     assert torch.allclose(trained, expected, atol=1e-6)
     evaluated = layer.eval()(x)
     assert torch.allclose(evaluated, x @ layer.weight.t() + lora_update_reference(
