@@ -14,6 +14,8 @@ table (mean +- standard deviation over seeds) and OUT/study_<metric>.svg the cur
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -62,6 +64,31 @@ class StudyArgs(Flags):
     warmup_steps: int = flag(10, "linear warm-up steps", rule=positive)
     mixed_precision: str = flag("auto", "passed to train/inscp.py", choices=("auto", "bf16", "fp32"))
     sizes: QuickSizes = flag(QuickSizes(nll_items=48, prompts=16, batch_size=48), "the quick report's sizes")
+
+
+# What makes two runs of the same name comparable; the rest (which formats, seeds, where) may grow.
+RUN_SETTINGS = ("data", "steps", "points", "lr", "full_lr", "lora_r", "seq_len", "micro_batch_size",
+                "warmup_steps", "mixed_precision", "sizes")
+
+
+def check_settings(args: StudyArgs, out: Path) -> None:
+    """OUT/settings.json records what the runs in OUT/runs.jsonl were measured with. A later call
+    with other settings would skip those runs as finished and mix the two in one table, so it is
+    refused in one line; a new OUT (or the same settings) is fine."""
+    now = {k: v for k, v in dataclasses.asdict(args).items() if k in RUN_SETTINGS}
+    file = out / "settings.json"
+    if file.exists():
+        before = json.loads(file.read_text(encoding="utf-8"))
+        changed = [f"--{k.replace('_', '-')} {before.get(k)!r} -> {now[k]!r}" for k in RUN_SETTINGS
+                   if before.get(k) != now[k]]
+        if changed:
+            raise SystemExit(f"scripts/study_inscp.py: {out / 'runs.jsonl'} was measured with other settings "
+                             f"({'; '.join(changed)}): pass another --out, or remove that folder")
+    elif (out / "runs.jsonl").exists():
+        raise SystemExit(f"scripts/study_inscp.py: {out / 'runs.jsonl'} has no settings.json beside it, so its "
+                         f"runs cannot be checked against these: pass another --out, or remove that folder")
+    out.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(now, indent=1) + "\n", encoding="utf-8")
 
 
 def run_argv(args: StudyArgs, fmt: str, finetune: str, seed: int, folder: Path) -> list[str]:
@@ -121,6 +148,7 @@ def main(argv=None) -> None:
     args = parse(StudyArgs, argv, prog="scripts/study_inscp.py", description=__doc__)
     out = Path(args.out)
     runs_file = out / "runs.jsonl"
+    check_settings(args, out)
     records = records_with_start(runs_file, args.sizes, ("data", "holdout"))
     at = [round(args.steps * (i + 1) / args.points) for i in range(args.points)]
     for finetune in args.finetune:

@@ -73,3 +73,26 @@ def test_measured_run_reports_at_the_chosen_steps_and_on_the_final_split(tmp_pat
     assert records[0]["tokens"] == 2 * 64 and records[1]["tokens"] == 4 * 64
     assert all(r["run"] == "t" and isinstance(r["nll_zh"], float) for r in records)
     assert isinstance(records[0]["nll_en_chat"], float) and records[1]["nll_en_chat"] is None  # no alpaca holdout
+
+
+def test_study_script_refuses_an_out_folder_measured_with_other_settings(tmp_path):
+    # Its runs are skipped by name when finished: a folder of 40-step runs read by a 200-step
+    # study would put both in one table. Seeds and formats may grow; what makes a run may not.
+    from data.flags import parse
+    from scripts.study_inscp import StudyArgs, check_settings
+
+    def args(*extra):
+        return parse(StudyArgs, ["--out", str(tmp_path), "--data", "a.txt", "--steps", "40", *extra])
+
+    check_settings(args(), tmp_path)
+    assert (tmp_path / "settings.json").is_file()
+    check_settings(args("--seeds", "0", "1", "2", "3", "--formats", "inscp"), tmp_path)
+    with pytest.raises(SystemExit, match=r"other settings \(--steps 40 -> 200\): pass another --out"):
+        check_settings(args("--steps", "200"), tmp_path)
+    with pytest.raises(SystemExit, match=r"--sizes .*'prompts': 16.*'prompts': 8"):
+        check_settings(args("--sizes.prompts", "8"), tmp_path)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "runs.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit, match="has no settings.json beside it"):
+        check_settings(args(), old)
