@@ -290,8 +290,8 @@ def evaluate_model(model, tokenizer, args, name: str = "model", log=print, resul
             results[suite] = translation.evaluate(runner, _names(args.directions), limit, args.split)
         elif suite == "mtbench":
             results[suite] = {}
-            mt_runner = (TCOTRunner(model, tokenizer, runner.template, runner.max_new_tokens, tags=tcot_tags(args.tag))
-                         if args.tcot else runner)
+            mt_runner = (TCOTRunner(model, tokenizer, runner.template, runner.max_new_tokens, tags=tcot_tags(args.tag),
+                                    compile=args.compile) if args.tcot else runner)
             for lang in _names(args.mtbench_langs):
                 records = mtbench.generate_answers(mt_runner, mtbench.load_questions(lang, limit), name)
                 path = mtbench.write_answers(records, Path(args.out) / f"answers_{_safe(name)}_{lang}.jsonl")

@@ -82,11 +82,11 @@ def split_tcot(text: str, tags=TAGS) -> dict:
     return {"en_query": between(en, response), "en_answer": between(response, target), "answer": between(target, None)}
 
 
-def greedy_generator(model, template: ChatTemplate, max_new_tokens: int = 256) -> Generate:
+def greedy_generator(model, template: ChatTemplate, max_new_tokens: int = 256, compile: bool = False) -> Generate:
     """Greedy generation through model.runner.Runner (stops at the template's end-of-turn ids;
-    a prompt too long for the context keeps its newest tokens)."""
+    a prompt too long for the context keeps its newest tokens; compile: the compiled one-token step)."""
     runner = Runner(model, template.tokenizer, template, Sampling(max_new_tokens=max_new_tokens, temperature=0.0),
-                    batch_size=1)
+                    batch_size=1, compile=compile)
     return lambda prompt: runner.complete([prompt])[0]
 
 
@@ -120,9 +120,10 @@ class TCOTChat:
     the Thai answer; the English exchanges are kept as the context of later turns."""
 
     def __init__(self, model, tokenizer, template: ChatTemplate, max_new_tokens: int = 256,
-                 generate_fn: Generate | None = None, show_thoughts: bool = False, write=print, tags=TAGS):
+                 generate_fn: Generate | None = None, show_thoughts: bool = False, write=print, tags=TAGS,
+                 compile: bool = False):
         self.model, self.tokenizer, self.template, self.tags = model, tokenizer, template, tuple(tags)
-        self.generate_fn = generate_fn or greedy_generator(model, template, max_new_tokens)
+        self.generate_fn = generate_fn or greedy_generator(model, template, max_new_tokens, compile)
         self.show_thoughts, self.write = show_thoughts, write
         self.history: list[dict] = []
 
@@ -149,9 +150,9 @@ class TCOTRunner:
     """
 
     def __init__(self, model, tokenizer, template: ChatTemplate, max_new_tokens: int = 256,
-                 generate_fn: Generate | None = None, tags=TAGS):
+                 generate_fn: Generate | None = None, tags=TAGS, compile: bool = False):
         self.model, self.tokenizer, self.template, self.tags = model, tokenizer, template, tuple(tags)
-        self.generate_fn = generate_fn or greedy_generator(model, template, max_new_tokens)
+        self.generate_fn = generate_fn or greedy_generator(model, template, max_new_tokens, compile)
         self.turns: dict[tuple[str, str], dict] = {}
         self.truncated = 0  # ChatRunner's counter; generate_tcot keeps the newest tokens itself
 

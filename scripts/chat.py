@@ -120,7 +120,7 @@ class Session:
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             repetition_penalty=args.repetition_penalty, seed=args.seed), compile=args.compile)
         self.bot = TCOTChat(model, tokenizer, template, max_new_tokens=args.max_new_tokens, show_thoughts=True,
-                            write=write, tags=tcot_tags(args.tag)) if args.tcot else None
+                            write=write, tags=tcot_tags(args.tag), compile=args.compile) if args.tcot else None
         self.messages: list[dict] = []
         self.trim_noted = False
 

@@ -339,3 +339,21 @@ def test_no_recovery_kd_leaves_the_kd_samples_and_their_tcot_out_of_stage3(tmp_p
                                                                              "--no-recovery-kd")),
                                      model=torch.nn.Linear(1, 1))
     assert set(without) == {"tcot", "translation"} and tcot_rows(without) == 4 and not translated
+
+
+def test_tcot_chat_and_runner_pass_compile_to_their_decoder(monkeypatch):
+    # scripts/chat.py --tcot --compile and eval.run --tcot --compile reach the one-token step
+    # through these two; a dropped flag would decode eagerly without a word.
+    import model.tcot as tcot_module
+    seen = []
+
+    class Recorder:
+        def __init__(self, *args, compile=False, **kwargs):
+            seen.append(compile)
+
+    monkeypatch.setattr(tcot_module, "Runner", Recorder)
+    template = type("T", (), {"tokenizer": None})()
+    for compile_ in (True, False):
+        TCOTChat(None, None, template, compile=compile_)
+        TCOTRunner(None, None, template, compile=compile_)
+    assert seen == [True, True, False, False]
