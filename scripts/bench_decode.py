@@ -10,6 +10,10 @@ One HF copy of the model is read by every side, each (side, batch) in its own ch
     fp32-compiled   ours, generate(compile=True): the one-token step under torch.compile
     int8            ours, checkpoint.load(quantize="int8") (model/quantize.py), eager
     int8-compiled   the same, compiled
+    llama.cpp       llama-cpp-python on the very GGUF file (its own quantised kernels), batch 1 only,
+                    the same prompt ids, greedy (top_k 1) for exactly N steps, the sides' thread
+                    count; only when --model is a .gguf and llama_cpp is installed (a benchmark
+                    tool, not a dependency: see LLAMA_CPP_INSTALL)
 
 Every side is timed from its second call on (best of --repeats); the first call, which compiles
 (compiled sides) and warms up, is reported apart. Greedy tokens: the fp32 sides must equal
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import sys
@@ -43,7 +48,9 @@ from scripts.bench_generate import chat_prompts, first_difference  # noqa: E402
 from scripts.benchmarking import hf_copy, run_side  # noqa: E402
 
 OURS = ("fp32", "fp32-compiled", "int8", "int8-compiled")
-SIDES = ("transformers",) + OURS
+SIDES = ("transformers",) + OURS + ("llama.cpp",)
+LLAMA_CPP_INSTALL = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF '
+                     '-DGGML_AMX_BF16=OFF" pip install --no-deps llama-cpp-python  (its AMX build crashed in this VM)')
 
 
 def parse_args(argv=None):
@@ -55,8 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, from {','.join(SIDES)}")
     p.add_argument("--cold-compile", action="store_true", help="a fresh Inductor cache for each compiled side")
     p.add_argument("--threads", type=int, help="CPU threads of every side (OMP_NUM_THREADS; default: all cores)")
-    p.add_argument("--side", choices=OURS, help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=OURS + ("llama.cpp",), help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
+    p.add_argument("--gguf", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = set(args.sides.split(",")) - set(SIDES)
     if unknown:
@@ -66,6 +74,8 @@ def parse_args(argv=None):
 
 def side_main(args) -> dict:
     """Child process: one of our sides on one batch -> JSON (timings, tokens, weight bytes)."""
+    if args.side == "llama.cpp":
+        return llama_cpp_main(args)
     from model.checkpoint import load
     from model.generate import Sampling, generate
     prompts, pad = chat_prompts(args.folder, args.batch[0])
@@ -81,6 +91,38 @@ def side_main(args) -> dict:
         out = generate(model, prompts, sampling, pad_id=pad, compile=compile)
         best = min(best, time.perf_counter() - start)
     return {"seconds": best, "first": first, "out": out, "weight_bytes": weight_bytes_per_step(model)}
+
+
+def llama_cpp_main(args) -> dict:
+    """Child process: llama.cpp greedy decoding of the batch-1 prompt ids, timed like ours."""
+    import llama_cpp
+    (prompt,), _ = chat_prompts(args.folder, 1)
+    threads = torch.get_num_threads()
+    llm = llama_cpp.Llama(model_path=args.gguf, n_ctx=len(prompt) + args.new_tokens + 8, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+
+    def run() -> list[int]:
+        out = []
+        for token in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            out.append(token)  # EOS does not stop it: exactly new_tokens steps, as every side
+            if len(out) == args.new_tokens:
+                return out
+
+    start = time.perf_counter()
+    out = run()
+    first = time.perf_counter() - start
+    best = float("inf")
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        out = run()
+        best = min(best, time.perf_counter() - start)
+    return {"seconds": best, "first": first, "out": [out], "weight_bytes": gguf_tensor_bytes(args.gguf)}
+
+
+def gguf_tensor_bytes(path) -> int:
+    """Bytes of a GGUF file's tensor data (what a decoding step streams; metadata and vocab aside)."""
+    from model.gguf import GGUFFile
+    return sum(t.nbytes for t in GGUFFile(path).tensors.values())
 
 
 def weight_bytes_per_step(model) -> int:
@@ -110,6 +152,10 @@ def run_batch(folder, batch: int, args, sides: list[str]) -> dict:
     flags = ["--batch", str(batch), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
     results = {}
     for side in sides:
+        if side == "llama.cpp":
+            if batch == 1:
+                results[side] = run_side(__file__, side, folder, flags + ["--gguf", str(args.gguf)])
+            continue
         if side == "transformers":
             script = str(Path(__file__).with_name("bench_generate.py"))
             results[side] = run_side(script, side, folder, flags + ["--device", "cpu", "--dtype", "float32"])
@@ -184,6 +230,11 @@ def main(argv=None):
     from model import assets
     source = args.model or assets.smollm2_gguf()
     sides = [s for s in SIDES if s in args.sides.split(",")]
+    args.gguf = source if str(source).endswith(".gguf") else None
+    if "llama.cpp" in sides and (args.gguf is None or importlib.util.find_spec("llama_cpp") is None):
+        sides.remove("llama.cpp")
+        print("llama.cpp side left out: " + ("--model is not a .gguf" if args.gguf is None else
+                                              f"llama_cpp is not installed ({LLAMA_CPP_INSTALL})"))
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by torch in every child process
         torch.set_num_threads(args.threads)
