@@ -28,7 +28,7 @@ from kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy_reference  
 from kernels.flash_attention import attention_reference  # noqa: F401  (the eager attention path)
 from kernels.rmsnorm import rms_norm_reference
 from kernels.rope import apply_rope_reference
-from kernels.swiglu import swiglu_reference
+from kernels.swiglu import swiglu_reference  # noqa: F401  (the eager SwiGLU)
 
 BACKENDS = ("auto", "torch", "triton")
 _backend = os.environ.get("LANGSHIFT_KERNELS", "auto")
@@ -103,7 +103,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up."""
     if use_triton(gate):
         return _swiglu.swiglu_triton(gate, up)
-    return swiglu_reference(gate, up)
+    return _swiglu.swiglu_torch(gate, up)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:

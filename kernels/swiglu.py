@@ -2,6 +2,9 @@
 
 triton: one elementwise pass reading gate and up once and writing the product; the backward
 recomputes sigmoid(gate) instead of saving silu(gate), so nothing beyond the inputs is kept.
+torch (every other device): the same saving in plain torch ops (SwiGLURecompute): autograd of
+silu(gate) * up keeps gate, silu(gate) and up; this keeps gate and up and recomputes silu(gate)
+in backward (one more elementwise pass; for SmolLM2's 4 x 256-token step, 180 MB less).
 
 Backward, with s = sigmoid(g), silu(g) = g s, and d s/d g = s (1 - s):
   d out/d up   = silu(g)                       -> d_up   = d_out * g * s
@@ -20,6 +23,30 @@ _BLOCK = 1024
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate[..., F], up[..., F] -> silu(gate) * up, [..., F]."""
     return F.silu(gate) * up
+
+
+class SwiGLURecompute(torch.autograd.Function):
+    """swiglu_reference saving only its inputs. Its backward runs the very ops autograd would
+    (the product's rule, then silu's own backward), so the numbers are the reference's bits."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        dgate = torch.ops.aten.silu_backward(dout * up, gate) if ctx.needs_input_grad[0] else None
+        dup = dout * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return dgate, dup
+
+
+def swiglu_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate[..., F], up[..., F] -> silu(gate) * up, keeping only gate and up for backward."""
+    if not (gate.requires_grad or up.requires_grad) or not torch.is_grad_enabled():
+        return swiglu_reference(gate, up)  # inference: no graph to keep, nothing to save
+    return SwiGLURecompute.apply(gate, up)
 
 
 @triton.jit

@@ -369,3 +369,31 @@ def test_training_step_all_kernels_on_equals_all_off(backend):
         err = rel_err(grads_on[name], grads_off[name])
         assert err < TOL[torch.float32], f"{name}: gradient rel err {err:.2e}"  # observed <= 1.5e-6
         assert rel_err(params_on[name], params_off[name]) < TOL[torch.float32], name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_torch_path_is_the_reference_bit_for_bit_and_keeps_only_its_inputs(dtype):
+    # The CPU path of kernels.swiglu: same forward and gradients as autograd through
+    # swiglu_reference (the very same ops), with gate and up kept instead of gate, silu(gate), up.
+    gen = torch.Generator().manual_seed(4)
+    gate, up = randn(3, 37, 200, dtype=dtype, gen=gen), randn(3, 37, 200, dtype=dtype, gen=gen)
+    out_ref, out_new, grads_ref, grads_new = run_both(swiglu.swiglu_reference, swiglu.swiglu_torch, [gate, up])
+    assert torch.equal(out_new[0], out_ref[0])
+    for a, b in zip(grads_new, grads_ref):
+        assert torch.equal(a, b)
+
+    def saved_bytes(fn):
+        g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+        kept = {}
+
+        def keep(t):  # bytes of each distinct storage autograd keeps for backward
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            fn(g, u)
+        return sum(kept.values())
+    size = gate.numel() * gate.element_size()
+    assert saved_bytes(swiglu.swiglu_reference) == 3 * size
+    assert saved_bytes(swiglu.swiglu_torch) == 2 * size
+    with torch.no_grad():
+        assert torch.equal(swiglu.swiglu_torch(gate, up), swiglu.swiglu_reference(gate, up))
