@@ -30,8 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "trainer_worker.py"
 STEPS = 10
 # One set of run flags for every subprocess run, so their curves are comparable.
+# fp32 pinned: these runs compare numbers at fp32 tolerance, and `auto` is bf16 on an AMX CPU.
 RUN = ["--max_steps", str(STEPS), "--lr", "1e-2", "--warmup_steps", "2", "--micro_batch_size", "4",
-       "--eval_batches", "2", "--no-progress", "--no-export"]
+       "--eval_batches", "2", "--no-progress", "--no-export", "--mixed_precision", "fp32"]
 
 
 @pytest.fixture(autouse=True)
@@ -146,7 +147,7 @@ def test_grad_accum_is_normalised_per_token_not_per_micro_batch(tmp_path):
 
     def one_step(batches, accum, name, **kw):
         cfg = TrainConfig(out_dir=str(tmp_path / name), max_steps=1, grad_accum=accum, max_grad_norm=0,
-                          progress=False, export=False, **kw)
+                          progress=False, export=False, mixed_precision="fp32", **kw)
         trainer = Trainer(Llama(preset("tiny")).init_weights(seed=0), cfg, ListLoader(batches), dist_info=info)
         trainer.train_step()
         return full_grads(trainer)
