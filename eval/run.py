@@ -99,7 +99,8 @@ class EvalArgs(Flags):
     system: str | None = flag(None, "system prompt for the evaluated models (default: the model's own)")
     seed: int = flag(0, "random seed (k-shot picks, sampling)")
     dtype: str = flag("float32", "weights dtype", choices=("float32", "bfloat16", "float16"))
-    quantize: str | None = flag(None, "int8: int8 weight-only linear layers (model/quantize.py)", choices=("int8",))
+    quantize: str | None = flag(None, "int8: int8 weight-only linear layers (model/quantize.py); int4: groups of "
+                                      "32 (model/quantize_int4.py; CPU)", choices=("int8", "int4"))
     compile: bool = flag(False, "generate with the compiled one-token step (model.generate, compile=True)")
     device: str = flag(factory=lambda: "cuda" if torch.cuda.is_available() else "cpu", help="torch device")
 

@@ -28,6 +28,7 @@ from model.config import LlamaConfig
 from model.gguf import GGUFFile, iter_hf_tensors, llama_hf_config
 from model.llama import Llama
 from model.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
+from model.quantize_int4 import quantize_int4
 from model.gguf_tokenizer import tokenizer_from_gguf
 from model.tokenizer import load_tokenizer
 
@@ -45,23 +46,28 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
     files) and returns None for it; True refuses a folder without them, naming the files.
     quantize: "int8" turns every linear layer into int8 weights (model/quantize.py) as its tensor
     is read, so no float copy of the whole model is made; GGUF Q8_0 weights go from their
-    blocks to int8 directly.
+    blocks to int8 directly. "int4": groups of 32 (GGUF Q4_1's layout; model/quantize_int4.py),
+    CPU only, quantised after the float model is built.
     The config is checked (and refused in one line) before the tokenizer or any tensor is read.
     """
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize={quantize!r}: only 'int8' is implemented")
+    if quantize not in (None, "int8", "int4"):
+        raise ValueError(f"quantize={quantize!r}: only 'int8' and 'int4' are implemented")
+    if quantize == "int4" and torch.device(device).type != "cpu":
+        raise ValueError(f"quantize='int4' on {device}: int4 is implemented for CPU decoding only (use int8)")
     path = _existing(path)
     if path.suffix == ".gguf":
         gguf = GGUFFile(path)
         config = LlamaConfig.from_hf(llama_hf_config(gguf), source=str(path))
-        tensors = quantize_lib.gguf_tensors_int8(gguf, config) if quantize else iter_hf_tensors(gguf)
+        tensors = quantize_lib.gguf_tensors_int8(gguf, config) if quantize == "int8" else iter_hf_tensors(gguf)
     else:
         config = LlamaConfig.from_hf(_read_json(path / "config.json"), source=str(path / "config.json"))
         tensors = _iter_safetensors(path)
     if attention:
         config.attention = attention
     tok = load_tokenizer_only(path) if tokenizer else None
-    model = _build(config, tensors, dtype, torch.device(device), str(path), quantize)
+    model = _build(config, tensors, dtype, torch.device(device), str(path), quantize if quantize == "int8" else None)
+    if quantize == "int4":
+        quantize_int4(model)
     return model.eval(), tok
 
 

@@ -376,11 +376,15 @@ class Llama(nn.Module):
         exist at a time, never all [B*T, V]. Under autocast both inputs are cast to its dtype
         (the kernel's gradients are computed in forward, outside autocast's reach).
         """
+        head = getattr(self.lm_head, "weight", None)
+        if head is None or not head.is_floating_point():  # int8 codes are not the weights
+            raise TypeError(f"Llama.loss_sum: the head is a quantised {type(self.lm_head).__name__} (inference "
+                            "only); call the model without labels and score its logits")
         flat = labels.reshape(-1)
         count = (flat != kernels.IGNORE_INDEX).sum()
         dtype = compute_dtype(hidden)
         mean = kernels.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]).to(dtype),
-                                            self.lm_head.weight.to(dtype), flat, kernels.IGNORE_INDEX, chunk_size)
+                                            head.to(dtype), flat, kernels.IGNORE_INDEX, chunk_size)
         # The kernel divides by max(count, 1); multiplying back gives the exact sum.
         return mean.float() * count
 

@@ -10,6 +10,8 @@ One HF copy of the model is read by every side, each (side, batch) in its own ch
     fp32-compiled   ours, generate(compile=True): the one-token step under torch.compile
     int8            ours, checkpoint.load(quantize="int8") (model/quantize.py), eager
     int8-compiled   the same, compiled
+    int4            ours, checkpoint.load(quantize="int4") (model/quantize_int4.py: groups of 32 as
+                    GGUF Q4_1), eager; int4-compiled: the same, compiled
     llama.cpp       llama-cpp-python on the very GGUF file (its own quantised kernels), batch 1 only,
                     the same prompt ids, greedy (top_k 1) for exactly N steps, the sides' thread
                     count; only when --model is a .gguf and llama_cpp is installed (a benchmark
@@ -47,7 +49,7 @@ import torch  # noqa: E402
 from scripts.bench_generate import chat_prompts, first_difference  # noqa: E402
 from scripts.benchmarking import hf_copy, run_side  # noqa: E402
 
-OURS = ("fp32", "fp32-compiled", "int8", "int8-compiled")
+OURS = ("fp32", "fp32-compiled", "int8", "int8-compiled", "int4", "int4-compiled")
 SIDES = ("transformers",) + OURS + ("llama.cpp",)
 LLAMA_CPP_INSTALL = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF '
                      '-DGGML_AMX_BF16=OFF" pip install --no-deps llama-cpp-python  (its AMX build crashed in this VM)')
@@ -79,7 +81,8 @@ def side_main(args) -> dict:
     from model.checkpoint import load
     from model.generate import Sampling, generate
     prompts, pad = chat_prompts(args.folder, args.batch[0])
-    model, _ = load(args.folder, quantize="int8" if args.side.startswith("int8") else None, tokenizer=False)
+    quantize = next((q for q in ("int8", "int4") if args.side.startswith(q)), None)
+    model, _ = load(args.folder, quantize=quantize, tokenizer=False)
     sampling = Sampling(max_new_tokens=args.new_tokens, stop_ids=[])
     compile = args.side.endswith("compiled")
     start = time.perf_counter()
@@ -126,11 +129,13 @@ def gguf_tensor_bytes(path) -> int:
 
 
 def weight_bytes_per_step(model) -> int:
-    """Bytes of weights one decoding step reads: every linear layer's weight (int8 codes and
-    their scales, or floats) and the norms; the embedding only through the tied head."""
+    """Bytes of weights one decoding step reads: every linear layer's weight (int8 or int4 codes
+    and their scales, or floats) and the norms; the embedding only when it is the head's tensor
+    (a float embedding beside a quantised or untied head gives one row per token)."""
     seen, total = set(), 0
+    head = getattr(model.lm_head, "weight", None)
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if tensor.data_ptr() in seen or name == "model.embed_tokens.weight" and not model.config.tie_embeddings:
+        if tensor.data_ptr() in seen or name == "model.embed_tokens.weight" and tensor is not head:
             continue
         seen.add(tensor.data_ptr())
         total += tensor.numel() * tensor.element_size()

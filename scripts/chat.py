@@ -51,7 +51,8 @@ class ChatArgs(Flags):
                           "<TAG> must be a special token of its tokenizer", rule=tag_problem)
     dtype: str = flag("float32", "weights dtype", choices=("float32", "bfloat16", "float16"))
     quantize: str | None = flag(None, "int8: int8 weight-only linear layers (model/quantize.py; ~4x less to read "
-                                      "per token)", choices=("int8",))
+                                      "per token); int4: groups of 32 as GGUF Q4_1 (model/quantize_int4.py; CPU)",
+                                choices=("int8", "int4"))
     compile: bool = flag(False, "decode with the compiled one-token step (the first answer pays the compile)")
     device: str = flag(factory=lambda: "cuda" if torch.cuda.is_available() else "cpu", help="torch device")
 

@@ -1,6 +1,6 @@
 """The compiled one-token step (generate(compile=True)): the same greedy tokens as eager decoding
 and as recomputing the whole sequence, for a left-padded batch, one prompt (the single-row
-linear path) and int8 layers; one graph serves every step and a second call of the same shapes.
+linear path), int8 and int4 layers; one graph serves every step and a second call of the same shapes.
 
 CPU Inductor compiles each graph in 10-25 s on the project's 2 shared cores (a warm Inductor
 cache makes later runs faster), so these are marked slow; they still run under plain pytest.
@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 
 from model.generate import Sampling, generate
 from model.quantize import quantize_int8
+from model.quantize_int4 import quantize_int4
 from tests.test_generate import greedy_by_recomputation, prompts, tiny_model
 
 NEW = 10
@@ -37,8 +38,9 @@ def test_compiled_greedy_equals_eager_and_recomputation():
 
 
 @pytest.mark.slow
-def test_compiled_int8_decoding_equals_eager_int8():
-    model = quantize_int8(tiny_model(seed=1))
+@pytest.mark.parametrize("quantize", [quantize_int8, quantize_int4], ids=["int8", "int4"])
+def test_compiled_quantised_decoding_equals_eager(quantize):
+    model = quantize(tiny_model(seed=1))
     s = Sampling(max_new_tokens=NEW, stop_ids=[])
     eager = generate(model, prompts()[:2], s)
     assert len({tuple(row) for row in eager}) > 1
