@@ -123,7 +123,8 @@ def write_outputs(args: StudyArgs, records: list[dict], out: Path) -> None:
     dev_tokens = sorted({k[-1] for k in summary if k[-2] == "data"})
     final = max((k[-1] for k in summary if k[-2] == "holdout"), default=None)
     text = ["# InsCP vs orgCP (scripts/study_inscp.py)\n",
-            f"Runs: {len({r['run'] for r in records if r['run'] != 'start'})}, seeds {args.seeds}, "
+            f"Runs: {len({r['run'] for r in records if r['run'] != 'start'})}, seeds "
+            f"{sorted({r['seed'] for r in records if r['run'] != 'start'})}, "
             f"{args.steps} steps of {args.micro_batch_size} x {args.seq_len} tokens, data {args.data}.",
             "Mean ± sample standard deviation over seeds.\n",
             "## Final numbers, HOLDOUT split (never used for choosing anything)\n", table(summary, "holdout", final),
