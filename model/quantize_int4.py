@@ -17,7 +17,7 @@ for fp32 (30 distinct weights, best of 15; scripts/bench_decode.py times the who
 CPU only: the CUDA kernel (torch._weight_int4pack_mm) wants another packing, not written here,
 so a model on another device is refused in one line. The embedding of a tied model stays float
 (a row is read once per token); the head is int4. Quality is stated as a perplexity delta in
-tests/test_quantize_int4.py (PPL_DELTA_INT4 there).
+tests/test_quantize.py (PPL_DELTA_INT4 there: +5.8% en, +6.7% zh, +9.4% th on 100 PUD dev sentences).
 """
 from __future__ import annotations
 
