@@ -155,13 +155,9 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
     Refuses a model with LoRA layers (merge them first: model.lora.merge_lora).
     """
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
-            raise ValueError(f"quantize_int8: {name} is a {type(module).__name__}; merge LoRA "
-                             "adapters first (model.lora.merge_lora)")
+    linears = plain_linears(model, "quantize_int8")
     dtype = model.model.embed_tokens.weight.dtype
     tied = model.config.tie_embeddings
-    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
     for name, module in linears:
         set_int8_linear(model, name, quantize_weight(module.weight.detach()), module.bias)
     if tied:
@@ -169,10 +165,25 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def set_int8_linear(model: nn.Module, name: str, weight: Int8Weight, bias: nn.Parameter | None) -> None:
-    """Put Int8Linear(weight, bias) at module path `name` (e.g. model.layers.0.mlp.up_proj)."""
+def plain_linears(model: nn.Module, who: str) -> list[tuple[str, nn.Linear]]:
+    """The (name, module) of every plain nn.Linear, to be quantised; refuses, in one line naming
+    `who` and the layer, a subclass (a LoRA layer: merge it first, model.lora.merge_lora)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
+            raise ValueError(f"{who}: {name} is a {type(module).__name__}; merge LoRA "
+                             "adapters first (model.lora.merge_lora)")
+    return [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at module path `name` (e.g. model.layers.0.mlp.up_proj)."""
     parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, Int8Linear(weight, bias))
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def set_int8_linear(model: nn.Module, name: str, weight: Int8Weight, bias: nn.Parameter | None) -> None:
+    """Put Int8Linear(weight, bias) at module path `name`."""
+    set_module(model, name, Int8Linear(weight, bias))
 
 
 # ---- loading straight into int8 (model.checkpoint.load(..., quantize="int8")) --------------

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from model.quantize import plain_linears, set_module
+
 GROUP = 32
 _CHUNK_ROWS = 4096  # rows quantised at a time: bounds the float temporaries of a big tensor
 
@@ -89,23 +91,17 @@ def quantize_int4(model: nn.Module) -> nn.Module:
     model.lora.merge_lora), a model that is not on the CPU, and a layer of a shape the kernel
     does not take (in_features a multiple of 32, out_features of 16).
     """
-    linears = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
-            raise ValueError(f"quantize_int4: {name} is a {type(module).__name__}; merge LoRA "
-                             "adapters first (model.lora.merge_lora)")
-        if type(module) is nn.Linear:
-            n, k = module.weight.shape
-            if n % 16 or k % GROUP:  # the kernel's packing works on 16 output rows at a time
-                raise ValueError(f"quantize_int4: {name} is {k} -> {n}; int4 needs in_features a multiple of "
-                                 f"{GROUP} and out_features a multiple of 16")
-            if module.weight.device.type != "cpu":
-                raise ValueError(f"quantize_int4: {name} is on {module.weight.device}; int4 is implemented "
-                                 "for CPU decoding only (use --quantize int8 on a GPU)")
-            linears.append((name, module))
+    linears = plain_linears(model, "quantize_int4")
+    for name, module in linears:
+        n, k = module.weight.shape
+        if n % 16 or k % GROUP:  # the kernel's packing works on 16 output rows at a time
+            raise ValueError(f"quantize_int4: {name} is {k} -> {n}; int4 needs in_features a multiple of "
+                             f"{GROUP} and out_features a multiple of 16")
+        if module.weight.device.type != "cpu":
+            raise ValueError(f"quantize_int4: {name} is on {module.weight.device}; int4 is implemented "
+                             "for CPU decoding only (use --quantize int8 on a GPU)")
     # A tied embedding keeps the float Parameter it shares with the head: only the head module
     # is replaced below, so nothing is copied.
     for name, module in linears:
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, Int4Linear(module.weight, module.bias))
+        set_module(model, name, Int4Linear(module.weight, module.bias))
     return model.eval()

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 
 from scripts.bench_generate import chat_prompts, first_difference  # noqa: E402
-from scripts.benchmarking import hf_copy, run_side  # noqa: E402
+from scripts.benchmarking import first_and_best, hf_copy, run_side  # noqa: E402
 
 OURS = ("fp32", "fp32-compiled", "int8", "int8-compiled", "int4", "int4-compiled")
 SIDES = ("transformers",) + OURS + ("llama.cpp",)
@@ -86,14 +86,8 @@ def side_main(args) -> dict:
     model, _ = load(args.folder, quantize=quantize, tokenizer=False)
     sampling = Sampling(max_new_tokens=args.new_tokens, stop_ids=[])
     compile = args.side.endswith("compiled")
-    start = time.perf_counter()
-    out = generate(model, prompts, sampling, pad_id=pad, compile=compile)
-    first = time.perf_counter() - start
-    best = float("inf")
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        out = generate(model, prompts, sampling, pad_id=pad, compile=compile)
-        best = min(best, time.perf_counter() - start)
+    first, best, out = first_and_best(lambda: generate(model, prompts, sampling, pad_id=pad, compile=compile),
+                                      args.repeats)
     return {"seconds": best, "first": first, "out": out, "weight_bytes": weight_bytes_per_step(model)}
 
 
@@ -112,14 +106,7 @@ def llama_cpp_main(args) -> dict:
             if len(out) == args.new_tokens:
                 return out
 
-    start = time.perf_counter()
-    out = run()
-    first = time.perf_counter() - start
-    best = float("inf")
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        out = run()
-        best = min(best, time.perf_counter() - start)
+    first, best, out = first_and_best(run, args.repeats)
     return {"seconds": best, "first": first, "out": [out], "weight_bytes": gguf_tensor_bytes(args.gguf)}
 
 

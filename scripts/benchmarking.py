@@ -36,18 +36,24 @@ def peak_memory_mib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def best_time(fn, repeats: int, device: str):
-    """Run fn once to warm up, then `repeats` times; -> (best seconds, last output)."""
-    out = fn()
-    best = float("inf")
-    for _ in range(repeats):
+def first_and_best(fn, repeats: int, device: str = "cpu"):
+    """Run fn once (warm-up: compiles, caches), then `repeats` times, each timed;
+    -> (seconds of the first call, best seconds of the others, last output)."""
+    times, out = [], None
+    for _ in range(1 + repeats):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
         out = fn()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
+    return times[0], min(times[1:], default=float("inf")), out
+
+
+def best_time(fn, repeats: int, device: str):
+    """Run fn once to warm up, then `repeats` times; -> (best seconds, last output)."""
+    _, best, out = first_and_best(fn, repeats, device)
     return best, out
 
 
