@@ -24,7 +24,7 @@ from kernels import rmsnorm as _rmsnorm
 from kernels import rope as _rope
 from kernels import swiglu as _swiglu
 # IGNORE_INDEX: the one definition of the no-loss target (-100) for data/ and train/ too.
-from kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy_reference  # noqa: F401
+from kernels.cross_entropy import CHUNK_TOKENS, IGNORE_INDEX, linear_cross_entropy_reference  # noqa: F401
 from kernels.flash_attention import attention_reference  # noqa: F401  (the eager attention path)
 from kernels.rmsnorm import rms_norm_reference
 from kernels.rope import apply_rope_reference
@@ -129,7 +129,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int = IGNORE_INDEX, chunk_size: int = 4096) -> torch.Tensor:
+                         ignore_index: int = IGNORE_INDEX, chunk_size: int = CHUNK_TOKENS) -> torch.Tensor:
     """hidden[N,D], weight[V,D], targets[N] -> mean CE over tokens whose target != ignore_index."""
     if use_triton(hidden):
         return _cross_entropy.linear_cross_entropy_triton(hidden, weight, targets, ignore_index, chunk_size)

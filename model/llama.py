@@ -332,7 +332,7 @@ class Llama(nn.Module):
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, key_mask: torch.Tensor | None = None,
                 return_hidden: bool = False, segments: torch.Tensor | None = None,
-                loss_chunk_size: int = 4096) -> torch.Tensor:
+                loss_chunk_size: int = kernels.CHUNK_TOKENS) -> torch.Tensor:
         """tokens[B,T] -> logits[B,T,V] (or final hidden states [B,T,D] if return_hidden), or with
         labels[B,T] (next-token targets, already shifted; IGNORE_INDEX = no loss) the fp32 SUM of
         their cross-entropy (see `loss_sum`).
@@ -367,7 +367,8 @@ class Llama(nn.Module):
             return self.loss_sum(x, labels, loss_chunk_size)
         return x if return_hidden else self.lm_head(x)
 
-    def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor,
+                 chunk_size: int = kernels.CHUNK_TOKENS) -> torch.Tensor:
         """hidden[B,T,D] (final norm applied), labels[B,T] -> fp32 scalar: the SUM of cross-entropy
         over tokens whose label != IGNORE_INDEX (0 if there is none).
 

@@ -7,7 +7,8 @@ from model.checkpoint import load, save
 from model.config import preset
 from model.llama import Llama
 from model.lora import (ALL_LINEAR, LoRAConfig, LoRALinear, LoRAUpdate, apply_lora, dropout_keep_mask, dropout_p,
-                        load_adapter, lora_modules, lora_update_reference, merge_lora, save_adapter)
+                        load_adapter, lora_modules, lora_update_reference, merge_lora, pack_mask, save_adapter,
+                        unpack_mask)
 from tests.conftest import need_module
 
 
@@ -210,8 +211,8 @@ def test_lora_update_equals_the_autograd_definition_with_and_without_dropout():
     assert torch.all(dx[~keep] == 0) and torch.all(dx[keep] != 0)  # dropped inputs get no gradient
 
 
-def test_lora_layers_reading_one_input_save_it_once_with_bool_masks():
-    # q, k and v read the same x: autograd must keep x once, plus a 1-byte mask and the [N, r]
+def test_lora_layers_reading_one_input_save_it_once_with_bit_masks():
+    # q, k and v read the same x: autograd must keep x once, plus a 1-bit mask and the [N, r]
     # product per layer (the frozen base matmul saves only its weight). The plain definition keeps
     # each layer's own dropped-out copy of x instead (PEFT: and a float mask on top).
     x, *_ = _lora_inputs(0.3)
@@ -226,9 +227,25 @@ def test_lora_layers_reading_one_input_save_it_once_with_bool_masks():
                                    for m, keep in zip(layers, masks)])
     n, weights = x.numel(), 3 * 4 * (7 * 12 + 3 * 12 + 7 * 3)  # W, A, B of each layer, fp32
     xa = 3 * 4 * (10 * 3)                                        # [N=10, r=3] fp32 per layer
-    assert ours == weights + 4 * n + 3 * n + xa                  # x once + three bool masks
-    assert ref == weights + 3 * 4 * n + 3 * n + xa               # three dropped-out copies of x
-    assert ref - ours == 8 * n
+    assert ours == weights + 4 * n + 3 * (n // 8) + xa           # x once + three packed masks
+    assert ref == weights + 3 * 4 * n + 3 * n + xa               # three dropped-out copies of x, bool masks
+    assert ref - ours == 8 * n + 3 * (n - n // 8)
+
+
+def test_packed_masks_hold_8_elements_per_byte_and_unpack_exactly():
+    # By hand: element i of a group of 8 is bit 7 - i of its byte.
+    by_hand = torch.tensor([1, 0, 0, 0, 0, 0, 0, 1, 0, 1, 1, 0, 0, 0, 0, 0], dtype=torch.bool)
+    assert pack_mask(by_hand).tolist() == [0b10000001, 0b01100000]
+    g = torch.Generator().manual_seed(0)
+    for shape in ((4, 256, 576), (3, 5), (1,), (2, 3, 7)):  # numel 589824, 15, 1, 42: padding too
+        keep = torch.rand(shape, generator=g) >= 0.3
+        packed = pack_mask(keep)
+        assert packed.dtype == torch.uint8 and packed.numel() == -(-keep.numel() // 8)
+        assert torch.equal(unpack_mask(packed, keep.shape), keep), shape
+    for fill in (True, False):
+        keep = torch.full((64,), fill)
+        assert pack_mask(keep).tolist() == [255 if fill else 0] * 8
+        assert torch.equal(unpack_mask(pack_mask(keep), keep.shape), keep)
 
 
 def test_dropout_keep_mask_rate_and_lora_linear_uses_it_in_training_only():

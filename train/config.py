@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import kernels
 from data.flags import Flags, at_least, factor, flag, fraction, non_negative, parse, positive
 from train.errors import ConfigError
 
@@ -59,7 +60,8 @@ class TrainConfig(Flags):
     activation_checkpointing: bool = flag(False, "recompute each block in backward instead of storing its activations")
     compile: bool = flag(False, "torch.compile each block (inductor; the first step of each shape pays the compile time)")
     seed: int = flag(0, "seed of the torch RNG (dropout) on rank 0; rank r uses seed+r", rule=at_least(0))
-    loss_chunk_size: int = flag(4096, "tokens per chunk of the fused head + cross-entropy (bounds logits memory)",
+    loss_chunk_size: int = flag(kernels.CHUNK_TOKENS,
+                                "tokens per chunk of the fused head + cross-entropy (bounds logits memory)",
                                 rule=at_least(0, " (0 = all tokens at once)"), hash=False)
     log_every: int = flag(1, "write a metrics line every N steps", rule=at_least(1), hash=False)
     eval_every: int = flag(0, "eval loss every N steps; 0 = only at the end", rule=at_least(0, " (0 = only at the end)"),
