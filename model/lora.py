@@ -90,8 +90,11 @@ class LoRALinear(nn.Linear):
         # A and B) its backward runs outside autocast, where mixed dtypes would not multiply.
         # The casts are autograd ops, so A and B get fp32 gradients.
         dtype = compute_dtype(x)
-        return y + LoRAUpdate.apply(x.to(dtype), self.lora_A.to(dtype), self.lora_B.to(dtype), keep, self.scale,
-                                    dropout_p(self.dropout))
+        update = LoRAUpdate.apply(x.to(dtype), self.lora_A.to(dtype), self.lora_B.to(dtype), keep, self.scale,
+                                  dropout_p(self.dropout))
+        # In place: nothing saved y (the frozen matmul's backward needs only W), and one output-sized
+        # temporary less per layer leaves fewer holes in the CPU heap that a step's peak runs into.
+        return y.add_(update) if y.dtype == update.dtype else y + update
 
     def delta(self) -> torch.Tensor:
         """The update as a full matrix, scale * B @ A, [out, in] (computed in fp32)."""
