@@ -90,11 +90,11 @@ class LoRALinear(nn.Linear):
         # A and B) its backward runs outside autocast, where mixed dtypes would not multiply.
         # The casts are autograd ops, so A and B get fp32 gradients.
         dtype = compute_dtype(x)
-        update = LoRAUpdate.apply(x.to(dtype), self.lora_A.to(dtype), self.lora_B.to(dtype), keep, self.scale,
-                                  dropout_p(self.dropout))
-        # In place: nothing saved y (the frozen matmul's backward needs only W), and one output-sized
-        # temporary less per layer leaves fewer holes in the CPU heap that a step's peak runs into.
-        return y.add_(update) if y.dtype == update.dtype else y + update
+        # The update is added into y in place (nothing saved y: the frozen matmul's backward needs
+        # only W): no output-sized temporary, so no allocation, no extra pass and fewer holes in
+        # the CPU heap that a training step's peak memory runs into.
+        return LoRAUpdate.apply(x.to(dtype), self.lora_A.to(dtype), self.lora_B.to(dtype), keep, self.scale,
+                                dropout_p(self.dropout), y if y.dtype == dtype and y.is_contiguous() else None)
 
     def delta(self) -> torch.Tensor:
         """The update as a full matrix, scale * B @ A, [out, in] (computed in fp32)."""
@@ -199,17 +199,23 @@ class LoRAUpdate(torch.autograd.Function):
     product, so no full-size tensor is ever multiplied by a scalar:
         out = u B^T,  dB = g^T u,  du = c (g B),  dA = du^T xk,  dx = (du A) * keep
     with g = grad_out [N, out]; xk is rebuilt from x and the mask when A's gradient needs it.
+    Given `base` [..., out] (the frozen layer's output, in x's dtype), the update is added into it
+    in place (one addmm, no [N, out] temporary) and base is returned; its gradient is grad_out.
     """
 
     @staticmethod
-    def forward(ctx, x, A, B, keep, scale: float, p: float):
+    def forward(ctx, x, A, B, keep, scale: float, p: float, base=None):
         c = scale / (1 - p) if keep is not None else scale  # no mask (eval, p == 0): no dropout
         u = F.linear(_kept(x, keep), A) * c  # [..., r]
         # 1 bit per element instead of a bool's byte: 130 MB less for SmolLM2's step of 4 x 256
         # tokens (7 masks per block), for ~0.1 ms of packing per 576 x 1024 mask.
         ctx.save_for_backward(x, A, B, pack_mask(keep) if keep is not None else None, u)
-        ctx.c = c
-        return F.linear(u, B)
+        ctx.c, ctx.has_base = c, base is not None
+        if base is None:
+            return F.linear(u, B)
+        base.view(-1, B.shape[0]).addmm_(u.reshape(-1, A.shape[0]), B.t())
+        ctx.mark_dirty(base)
+        return base
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -222,7 +228,7 @@ class LoRAUpdate(torch.autograd.Function):
         du = (g @ B) * ctx.c                   # [N, r]
         grad_a = du.t() @ _kept(x, keep).reshape(-1, A.shape[1]) if need_a else None
         grad_x = _kept((du @ A).view(x.shape), keep) if need_x else None
-        return grad_x, grad_a, grad_b, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, grad_out if ctx.has_base else None
 
 
 def apply_lora(model: nn.Module, targets: list[str] = ALL_LINEAR, r: int = 64, alpha: float = 128,

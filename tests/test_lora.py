@@ -206,7 +206,15 @@ def test_lora_update_equals_the_autograd_definition_with_and_without_dropout():
             want = torch.autograd.grad(ref, (x, A, B), grad)
             for name, a, b in zip("xAB", got, want):
                 assert (a.float() - b.float()).abs().max() <= tol * max(1.0, b.float().abs().max()), (p, dtype, name)
+    # Added into a base output in place: the same sum, and the base's own gradient is grad_out.
     x, A, B, keep = _lora_inputs(0.3)
+    W = torch.randn(7, 12, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    grad = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(6))
+    ours = LoRAUpdate.apply(x, A, B, keep, 2.0, 0.3, x @ W.t())
+    ref = x @ W.t() + lora_update_reference(x, A, B, keep, 2.0, 0.3)
+    assert torch.allclose(ours, ref, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(ours, (x, A, B, W), grad), torch.autograd.grad(ref, (x, A, B, W), grad)):
+        assert torch.allclose(a, b, atol=1e-5)
     dx = torch.autograd.grad(LoRAUpdate.apply(x, A, B, keep, 2.0, 0.3).sum(), x)[0]
     assert torch.all(dx[~keep] == 0) and torch.all(dx[keep] != 0)  # dropped inputs get no gradient
 
