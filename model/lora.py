@@ -192,8 +192,8 @@ def lora_update_reference(x, A, B, keep, scale: float, p: float) -> torch.Tensor
 
 class LoRAUpdate(torch.autograd.Function):
     """lora_update_reference with a lean backward: saves x, the mask (packed, 1 bit per element)
-    and u = c xk A^T [N, r],
-    where xk = x * keep (x where kept, 0 where dropped) and c = scale / (1 - p) (scale without a mask).
+    and u = c xk A^T [N, r], where xk = x * keep (x where kept, 0 where dropped) and
+    c = scale / (1 - p) (scale without a mask).
 
     Both scalars (LoRA's alpha / r and inverted dropout's 1 / (1 - p)) ride on the [N, r]
     product, so no full-size tensor is ever multiplied by a scalar:
