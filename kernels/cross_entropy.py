@@ -61,7 +61,8 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, t
 def _rows_torch(logits, targets, loss_rows, n_valid, ignore_index: int, need_grad: bool, work=None):
     """One chunk in torch ops: logits[c,V] -> loss_rows[c] (written), and dlogits[c,V] =
     (softmax - onehot) / n_valid in logits' dtype, written over logits (None when no gradient is
-    needed). work: an fp32 buffer of at least [c, V] for bf16/fp16 logits (else one is allocated).
+    needed). work: an fp32 buffer of at least [c, V] for bf16/fp16 logits; None for fp32 logits,
+    which are worked on in place.
 
     Why not F.cross_entropy under autograd: autograd would keep every chunk's logits and softmax
     alive until backward, i.e. all N*V of them again. Here one fp32 buffer turns into exp, then
@@ -69,10 +70,7 @@ def _rows_torch(logits, targets, loss_rows, n_valid, ignore_index: int, need_gra
     """
     valid = targets != ignore_index
     safe = targets.masked_fill(~valid, 0)[:, None]  # any index: its row is masked out below
-    if logits.dtype == torch.float32:
-        z = logits
-    else:  # [c, V] fp32 copy
-        z = work[:len(logits)].copy_(logits) if work is not None else logits.float()
+    z = logits if work is None else work[:len(logits)].copy_(logits)  # [c, V] fp32
     z_target = z.gather(1, safe).squeeze(1)
     row_max = z.amax(dim=-1, keepdim=True)
     sum_exp = z.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
