@@ -121,7 +121,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch
     causal) tokens of its own document, a run of equal ids. key_mask[B,S] bool: False = padded
     key. Query t is the last T of S positions (T < S: decoding with a cache). A query with no
     visible key gets zeros. Triton: the flash kernel with both masks (skipping key blocks of
-    other documents); torch: SDPA or FlexAttention, see kernels/torch_attention.py.
+    other documents); torch: SDPA (per document on CPU) or FlexAttention, see kernels/torch_attention.py.
     """
     if use_triton(q):
         return _flash_attention.flash_attention_triton(q, k, v, causal=causal, segments=segments, key_mask=key_mask)

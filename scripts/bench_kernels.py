@@ -12,6 +12,13 @@ packed documents (segments) through kernels.attention's Triton kernel versus Fle
 (compiled) and SDPA with a dense mask. Shapes are LLaMA-3-8B-like, bf16.
 Without CUDA it says so and exits 0.
 
+CPU attention mode:
+    python scripts/bench_kernels.py --cpu-attention [--tokens 256 --doc-len 70]
+One SmolLM2-sized attention layer (B=4, Hq=9, Hkv=3, hd=64, fp32) on packed documents of random
+length 1 .. 2 x --doc-len, T = --tokens: kernels.attention's CPU path (one SDPA per document)
+against SDPA with the dense [B,1,T,T] mask and against plain causal SDPA (no documents: the
+cost of ignoring them), forward and forward+backward, best of 5.
+
 CPU memory mode:
     python scripts/bench_kernels.py --cpu-memory [--tokens 8192 --vocab 128256 --dim 256]
 Peak memory of linear cross-entropy forward+backward on CPU, materialised logits versus the
@@ -307,11 +314,41 @@ def bench_cpu_memory(tokens: int, vocab: int, dim: int, chunks, max_gib: float) 
               f"{r['peak_extra'] / logits:.2f} |  (loss {r['loss']:.4f})", flush=True)
 
 
+def bench_cpu_attention(T: int, doc_len: int, B: int = 4, H: int = 9, K: int = 3, hd: int = 64) -> None:
+    """Print a markdown table: the CPU attention paths on packed documents, seconds per call."""
+    from kernels import torch_attention as attention
+    from scripts.benchmarking import best_time
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(B):  # documents of 1 .. 2 doc_len tokens, back to back, like data/packing.py
+        lengths = torch.randint(1, 2 * doc_len + 1, (T,), generator=gen)
+        rows.append(torch.repeat_interleave(torch.arange(T), lengths)[:T])
+    segments = torch.stack(rows)
+    lengths = attention.document_lengths(segments)
+    work = sum(n * (n + 1) / 2 for row in lengths for n in row) / (B * T * (T + 1) / 2)
+    q, k, v = (torch.randn(B, h, T, hd, generator=gen, requires_grad=True) for h in (H, K, K))
+    grad = torch.randn(B, H, T, hd, generator=gen)
+    paths = {"per document (kernels.attention)": lambda: attention.attention_torch(q, k, v, segments),
+             "SDPA, dense [B,1,T,T] mask": lambda: attention.sdpa_attention(q, k, v, segments),
+             "SDPA, causal, documents ignored": lambda: attention.sdpa_attention(q, k, v)}
+    print(f"B={B} Hq={H} Hkv={K} T={T} hd={hd} fp32, {sum(map(len, lengths))} documents "
+          f"(mean {B * T / sum(map(len, lengths)):.0f} tokens; causal work within documents: {work:.0%} of "
+          f"the causal T x T), {torch.get_num_threads()} threads, best of 5")
+    print("| path | forward ms | forward+backward ms |\n|---|---:|---:|")
+    for name, run in paths.items():
+        with torch.no_grad():
+            fwd, _ = best_time(run, 5, "cpu")
+        both, _ = best_time(lambda: run().backward(grad), 5, "cpu")
+        print(f"| {name} | {fwd * 1e3:.1f} | {both * 1e3:.1f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ops", default="rmsnorm,rope,swiglu,cross_entropy,flash_attention,packed_attention")
     parser.add_argument("--cpu-memory", action="store_true", help="CE memory on CPU, chunked vs materialised")
-    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--cpu-attention", action="store_true", help="attention on packed documents on CPU")
+    parser.add_argument("--doc-len", type=int, default=70, help="mean document length for --cpu-attention")
+    parser.add_argument("--tokens", type=int, default=None, help="--cpu-memory: 8192 tokens; --cpu-attention: T=256")
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--chunks", default="0,4096,1024", help="chunk sizes for --cpu-memory; 0 = materialised")
@@ -320,8 +357,10 @@ def main() -> None:
     args = parser.parse_args()
     if args._child:
         _cpu_memory_child(*args._child)
+    elif args.cpu_attention:
+        bench_cpu_attention(args.tokens or 256, args.doc_len)
     elif args.cpu_memory:
-        bench_cpu_memory(args.tokens, args.vocab, args.dim, [int(c) for c in args.chunks.split(",")],
+        bench_cpu_memory(args.tokens or 8192, args.vocab, args.dim, [int(c) for c in args.chunks.split(",")],
                          args.max_gib)
     elif not torch.cuda.is_available():
         print("bench_kernels: the kernel benchmarks need a CUDA GPU; none found, nothing to measure. "

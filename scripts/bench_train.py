@@ -21,6 +21,8 @@ timed steps. Time: best of --steps steps after one warm-up step (which holds the
 a compiled side). The matmul peak of each dtype is measured here (a 2048^3 matmul, best of 5);
 the achieved fraction counts 4 * N * tokens FLOPs per LoRA step (N = parameters: 2N forward,
 2N for the input gradients; the frozen weights need no weight gradient; attention not counted).
+Those FLOPs at the peak are the step's floor, so transformers' seconds over the floor bound the
+speed-up any implementation could show on this machine; the script prints that bound.
 A benchmark, not a test: it prints numbers and asserts nothing about speed.
 """
 from __future__ import annotations
@@ -198,6 +200,12 @@ def report(args, source, results: dict, peaks: dict, note: str | None) -> None:
         frac = 4 * n * tokens / r["seconds"] / 1e9 / peaks[dtype]
         print(f"{name:<24}{tokens / r['seconds']:>10.1f}{r['seconds']:>9.2f}{r['cpu']:>8.2f}{r['peak_mib']:>10.0f}"
               f"{frac:>9.0%}{r['first']:>12.1f}{r['loss']:>9.4f}")
+    for dtype, peak in peaks.items():  # the bound every ratio below lives under
+        floor = 4 * n * tokens / peak / 1e9
+        if f"transformers {dtype}" in results:
+            print(f"matmul floor {dtype}: {floor:.2f} s/step (the 4 N tokens FLOPs at the {dtype} peak, everything "
+                  f"else free): no implementation can run more than "
+                  f"{results[f'transformers {dtype}']['seconds'] / floor:.2f}x transformers {dtype}")
     for name, r in results.items():
         if name.startswith("ours"):
             dtype = name.split()[-1]

@@ -5,8 +5,9 @@ built here from the segment ids the way the definition reads: same id, and (if c
 later key; key_mask removes padded keys. The paths under test:
   triton  the flash kernel (forward + three backward kernels) through TRITON_INTERPRET=1 on CPU,
           16x16 tiles, so T=37 leaves partial blocks and documents straddle block edges;
-  sdpa    F.scaled_dot_product_attention with the dense mask (the CPU torch path);
-  torch   kernels.attention_torch, which picks SDPA without a mask for one-document rows;
+  sdpa    F.scaled_dot_product_attention with the dense mask (the CPU torch path with key_mask);
+  torch   kernels.attention_torch: on CPU one unmasked SDPA per document for packed rows (the
+          training path), SDPA without a mask for one-document rows, the dense mask with key_mask;
   flex    FlexAttention's document block mask, run eagerly (forward only: torch 2.13 has no
           FlexAttention backward on CPU; on CUDA the same mask function runs compiled).
 Segments are made like data/packing.py makes them: increasing ids, one contiguous run each.
@@ -170,6 +171,24 @@ def test_document_bounds_are_runs():
     assert hi.tolist() == [[2, 2, 5, 5, 5, 6], [6] * 6, [1, 3, 3, 6, 6, 6]]
 
 
+def test_document_lengths_are_runs():
+    segments = torch.tensor([[0, 0, 1, 1, 1, 2], [4, 4, 4, 4, 4, 4], [0, 1, 1, 0, 0, 0]])
+    assert torch_path.document_lengths(segments) == [[2, 3, 1], [6], [1, 2, 3]]
+
+
+def test_document_attention_compiles_once():
+    """Inside a compiled block the per-document loop runs eagerly (compiler.disable): new document
+    lengths give the reference's numbers without a recompile."""
+    (q, k, v), *_ = case_inputs("gqa_docs", torch.float32)
+    compiled = torch.compile(lambda q, k, v, seg: torch_path.attention_torch(q, k, v, seg) * 2, backend="eager")
+    for i, seed in enumerate((30, 31, 32)):
+        segments = packed_segments(2, 37, 9, seed)
+        want = kernels.attention_reference(q, k, v, mask=reference_mask(2, 37, 37, True, segments, None)) * 2
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            got = compiled(q, k, v, segments)
+        assert rel_err(got, want) < TOL[torch.float32]
+
+
 @pytest.fixture
 def backend():
     before = kernels.get_backend()
@@ -179,21 +198,22 @@ def backend():
 
 def test_dispatch_picks_the_path(backend, monkeypatch):
     """kernels.attention: Triton when forced (or on CUDA under auto), else the torch path: on CPU
-    SDPA, which gets no segments at all for one-document rows; on CUDA FlexAttention."""
+    one SDPA per document, and plain SDPA (no segments at all) for one-document rows; on CUDA
+    FlexAttention."""
     (q, k, v), causal, segments, key_mask, _ = case_inputs("gqa_docs", torch.float32)
     backend("triton")
     out = kernels.attention(q.requires_grad_(), k, v, segments=segments)
     assert type(out.grad_fn).__name__ == "FlashAttentionFunctionBackward"
     calls = []
-    for name in ("sdpa_attention", "flex_attention"):
+    for name in ("sdpa_attention", "flex_attention", "document_attention"):
         real = getattr(torch_path, name)
         monkeypatch.setattr(torch_path, name, lambda *a, _n=name, _f=real: calls.append((_n, a[3])) or _f(*a))
     backend("auto" if DEVICE == "cpu" else "torch")
     kernels.attention(q, k, v, segments=segments)
     kernels.attention(q, k, v, segments=torch.zeros_like(segments))
     if DEVICE == "cpu":
-        assert [name for name, _ in calls] == ["sdpa_attention", "sdpa_attention"]
-        assert calls[0][1] is segments and calls[1][1] is None  # the segments SDPA got
+        assert [name for name, _ in calls] == ["document_attention", "document_attention", "sdpa_attention"]
+        assert calls[0][1] is segments and calls[2][1] is None  # one-document rows: SDPA without segments
     else:
         assert [name for name, _ in calls] == ["flex_attention", "flex_attention"]
 
