@@ -16,8 +16,8 @@ Paths here (the Triton kernel is kernels/flash_attention.py; kernels.attention p
   - CPU tensors with segments (packed training): one SDPA call per document, each without a
     mask (`document_attention`): the work is the sum of the squared document lengths instead of
     T^2 per row, and no [B,1,T,T] mask is built or read. On the main job's packed blocks (4 x 256
-    tokens, documents of ~70 tokens) forward + backward of one layer took 28 ms against 41 ms
-    for SDPA with the dense mask (2-core EPYC, fp32). Rows of one document each get a single
+    tokens, documents of ~57 tokens) forward + backward of one layer took 28.9 ms against 41.5 ms
+    for SDPA with the dense mask (`scripts/bench_kernels.py --cpu-attention`, 2-core EPYC, fp32). Rows of one document each get a single
     plain causal SDPA. FlexAttention is not an option here: torch 2.13 refuses its backward on
     CPU ("FlexAttention does not support backward on CPU"), its eager forward is ~4x slower than
     SDPA with a dense mask, and compiling it for CPU took 45 s (B=4, H=9, T=512, hd=64).
@@ -33,6 +33,13 @@ import torch
 import torch.nn.functional as F
 
 
+def run_starts(segments: torch.Tensor) -> torch.Tensor:
+    """segments[B,T] ids -> bool [B,T]: True at the first token of each run of equal ids."""
+    starts = torch.ones(segments.shape, dtype=torch.bool, device=segments.device)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return starts
+
+
 def document_bounds(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """segments[B,T] ids -> (lo, hi) int32 [B,T]: token t's document is the run [lo[t], hi[t]).
 
@@ -42,8 +49,7 @@ def document_bounds(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         raise ValueError(f"segments must be [B, T] document ids, got shape {tuple(segments.shape)}")
     B, T = segments.shape
     idx = torch.arange(T, device=segments.device).expand(B, T)
-    starts = torch.ones(B, T, dtype=torch.bool, device=segments.device)  # first token of a run
-    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    starts = run_starts(segments)
     ends = torch.ones_like(starts)  # last token of a run
     ends[:, :-1] = starts[:, 1:]
     lo = torch.where(starts, idx, 0).cummax(dim=1).values
@@ -101,10 +107,8 @@ def document_lengths(segments: torch.Tensor) -> list[list[int]]:
     """segments[B,T] ids -> per row, the lengths of its runs in order (they sum to T). Reads
     the tensor on the host."""
     B, T = segments.shape
-    starts = torch.ones(B, T, dtype=torch.bool, device=segments.device)
-    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
     rows: list[list[int]] = [[] for _ in range(B)]
-    flat = starts.reshape(-1).nonzero().view(-1).tolist() + [B * T]  # every row starts a run at 0
+    flat = run_starts(segments).reshape(-1).nonzero().view(-1).tolist() + [B * T]  # every row starts a run at 0
     for begin, end in zip(flat, flat[1:]):
         rows[begin // T].append(end - begin)
     return rows
