@@ -14,10 +14,10 @@ saved in PEFT's layout (adapter_model.safetensors + adapter_config.json), which
 `peft.PeftModel.from_pretrained` loads, and can be merged into a plain HF checkpoint.
 
 The low-rank path runs through `LoRAUpdate`, an autograd Function that saves only what backward
-needs: the input x (often saved once for several layers: q, k and v read the same x), the dropout
-keep-mask packed 8 per byte (1 bit per element) and the small [N, r] product. Plain autograd
-(`lora_update_reference`, what PEFT does) also keeps a float mask and the dropped-out input: two
-more float copies of every LoRA layer's input.
+needs: the input x (often saved once for several layers: q, k and v read the same x), the
+positions dropout dropped (int32 indices: 1.6 bits per element at p = 0.05) and the small [N, r]
+product. Plain autograd (`lora_update_reference`, what PEFT does) also keeps a float mask and the
+dropped-out input: two more float copies of every LoRA layer's input.
 """
 from __future__ import annotations
 
@@ -63,6 +63,8 @@ class LoRAConfig:
 class LoRALinear(nn.Linear):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         nn.Module.__init__(self)  # share base's weight: no copy, no re-init
+        if not 0 <= dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.register_parameter("bias", base.bias)
@@ -85,7 +87,7 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        keep = dropout_keep_mask(x, self.dropout) if self.training else None
+        drops = dropout_drops(x, self.dropout) if self.training else None
         # One dtype inside LoRAUpdate, forward and backward: under autocast (bf16 compute, fp32
         # A and B) its backward runs outside autocast, where mixed dtypes would not multiply.
         # The casts are autograd ops, so A and B get fp32 gradients.
@@ -93,8 +95,8 @@ class LoRALinear(nn.Linear):
         # The update is added into y in place (nothing saved y: the frozen matmul's backward needs
         # only W): no output-sized temporary, so no allocation, no extra pass and fewer holes in
         # the CPU heap that a training step's peak memory runs into.
-        return LoRAUpdate.apply(x.to(dtype), self.lora_A.to(dtype), self.lora_B.to(dtype), keep, self.scale,
-                                dropout_p(self.dropout), y if y.dtype == dtype and y.is_contiguous() else None)
+        return LoRAUpdate.apply(x.to(dtype), self.lora_A.to(dtype), self.lora_B.to(dtype), drops, self.scale,
+                                self.dropout, y if y.dtype == dtype and y.is_contiguous() else None)
 
     def delta(self) -> torch.Tensor:
         """The update as a full matrix, scale * B @ A, [out, in] (computed in fp32)."""
@@ -118,68 +120,64 @@ class LoRALinear(nn.Linear):
                 f"merged={self.merged}")
 
 
-MASK_BITS = 15  # resolution of the dropout draw: p counts in steps of 2^-15
+SIGMAS = 8  # gaps drawn at once: their mean count + SIGMAS standard deviations
 
 
-def dropout_p(p: float) -> float:
-    """The dropout probability a keep-mask really draws: p rounded to a multiple of 2^-15
-    (0.05 -> 0.0499878); its 1 / (1 - p) rescaling must use this value to stay unbiased."""
-    return round(p * 2**MASK_BITS) / 2**MASK_BITS
+@torch.compiler.disable  # a data-dependent length: run eagerly between compiled parts
+def dropout_drops(x: torch.Tensor, p: float) -> torch.Tensor | None:
+    """Where dropout with probability p hits x: the sorted flat indices of the dropped elements,
+    int32 [~p * x.numel()] (int64 past 2^31 elements), each element dropped independently
+    (None when p == 0).
 
-
-def dropout_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor | None:
-    """Bool mask shaped like x, True with probability 1 - dropout_p(p) (None when p == 0).
-
-    Why not `rand(x.shape) >= p`: drawing the mask costs as much as the layer's matmul on a CPU,
-    and each float of torch.rand is one generator draw for 24 bits. One int64 draw holds 63
-    random bits (random_() spans [0, 2^63)), so each is split into four 16-bit fields, and the
-    top bit of each field is cleared (the last field's is always 0), leaving four independent
-    15-bit uniforms per draw: the same Bernoulli mask from a quarter of the draws, about 2.6x
-    faster on a CPU (1024 x 576: 0.82 ms vs 2.10 ms on the 2-core Xeon). Any device, one path.
+    Why indices and not a mask drawn per element: at LoRA's p = 0.05, drawing one random number
+    per element and passing over a mask cost as much as the layer's matmul on a CPU. In a row of
+    independent Bernoulli(p) trials the gaps between hits are geometric, P(gap = k) =
+    (1 - p)^(k - 1) p for k = 1, 2, ..., so the hit positions are the running sums of geometric
+    draws, minus one: p * n draws instead of n, and applying the dropout is a copy plus a
+    scatter of zeros. A geometric draw is floor(log(1 - U) / log(1 - p)) + 1 for U uniform on
+    [0, 1), in float64 (1 - U >= 2^-53: no infinite gap, no truncated tail).
+    The number of gaps that covers n elements is random: mean + SIGMAS standard deviations are drawn,
+    and more only if those fell short (reading the last position back: a host sync on CUDA).
     """
     if p <= 0:
         return None
     n = x.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
-    fields = words.view(torch.int16)[:n] & (2**MASK_BITS - 1)   # [n] uniform over 0 .. 2^15 - 1
-    return (fields >= round(p * 2**MASK_BITS)).view(x.shape)
+    count = max(16, int(n * p + SIGMAS * math.sqrt(n * p * (1 - p))))
+    scale = 1 / math.log1p(-p)
+    positions, end = [], -1
+    while end < n - 1:  # the last hit so far is at `end`: draw on until the gaps pass n - 1
+        gaps = torch.rand(count, dtype=torch.float64, device=x.device).neg_().log1p_().mul_(scale).floor_().add_(1)
+        hits = gaps.to(torch.int64).cumsum_(0).add_(end)
+        positions.append(hits)
+        end = int(hits[-1])
+    hits = torch.cat(positions) if len(positions) > 1 else positions[0]
+    hits = hits[: int(torch.searchsorted(hits, n))]
+    return hits.to(torch.int32) if n < 2**31 else hits
 
 
-# Packing 8 bools (one byte each, 0 or 1) into the 8 bits of one byte is a single int64 multiply:
-# word w holds the bools as bytes b0..b7 (little-endian), and w * SPREAD places every b_i at bit
-# 63 - i without two partial products ever meeting (their bit positions 63 + 8i - 9j differ for
-# every pair i, j), so the top byte is the 8 bools reversed. Multiplying a byte by SPREAD places
-# copies of it 9 bits apart, and bit 8m + 7 of the product is bit 7 - m of the byte: shifted down
-# by 7 and masked, the bools come back, one per byte. int64 products wrap (two's complement) on
-# every torch device, and the bits that wrap are never read.
-_SPREAD = 0x8040201008040201 - 2**64   # as a signed int64
-_LOW_BITS = 0x0101010101010101
+def keep_mask(drops: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    """dropout_drops' indices as a bool mask of `shape`, True where kept (for references, tests)."""
+    if drops is None:
+        return None
+    keep = torch.ones(math.prod(shape), dtype=torch.bool, device=drops.device)
+    keep[drops.long()] = False
+    return keep.view(shape)
 
 
-def pack_mask(keep: torch.Tensor) -> torch.Tensor:
-    """Bool mask (any shape, n elements) -> uint8 [ceil(n / 8)], 8 elements per byte."""
-    flat = keep.reshape(-1)
-    if flat.numel() % 8:
-        flat = F.pad(flat.view(torch.uint8), (0, 8 - flat.numel() % 8)).view(torch.bool)
-    words = flat.view(torch.uint8).view(torch.int64)  # 8 bools per word
-    return (((words * _SPREAD) >> 56) & 0xFF).to(torch.uint8)
-
-
-def unpack_mask(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """pack_mask's inverse: uint8 [ceil(n / 8)] -> bool mask of `shape` (n elements)."""
-    words = ((packed.to(torch.int64) * _SPREAD) >> 7) & _LOW_BITS  # one 0/1 byte per element
-    # != 0 rather than a view as bool: inductor (torch 2.13, CPU) fails to compile that view.
-    return words.view(torch.uint8)[:math.prod(shape)].view(shape) != 0
+def _zeroed(x: torch.Tensor, drops: torch.Tensor | None, copy: bool = True) -> torch.Tensor:
+    """x with the elements at the flat indices `drops` set to 0 (dropout before its 1 / (1 - p)
+    scale): a contiguous copy of x (in place with copy=False, x then contiguous), or x itself
+    when nothing is dropped."""
+    if drops is None:
+        return x
+    out = x.clone(memory_format=torch.contiguous_format) if copy else x
+    out.view(-1).index_fill_(0, drops.long(), 0)
+    return out
 
 
 def _dropped(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
-    """Inverted dropout with a given mask: x * keep / (1 - p)."""
+    """Inverted dropout with a given bool mask: x * keep / (1 - p)."""
     return x if keep is None else x * keep / (1 - p)
-
-
-def _kept(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """x where keep is True, 0 elsewhere (dropout before its 1 / (1 - p) scale): one pass."""
-    return x if keep is None else torch.where(keep, x, 0)
 
 
 def lora_update_reference(x, A, B, keep, scale: float, p: float) -> torch.Tensor:
@@ -191,25 +189,23 @@ def lora_update_reference(x, A, B, keep, scale: float, p: float) -> torch.Tensor
 
 
 class LoRAUpdate(torch.autograd.Function):
-    """lora_update_reference with a lean backward: saves x, the mask (packed, 1 bit per element)
-    and u = c xk A^T [N, r], where xk = x * keep (x where kept, 0 where dropped) and
-    c = scale / (1 - p) (scale without a mask).
+    """lora_update_reference with a lean backward: saves x, the dropped positions (`drops`, flat
+    int32 indices from dropout_drops, or None) and u = c xk A^T [N, r], where xk is x with the
+    dropped elements zeroed and c = scale / (1 - p) (scale without dropout).
 
     Both scalars (LoRA's alpha / r and inverted dropout's 1 / (1 - p)) ride on the [N, r]
     product, so no full-size tensor is ever multiplied by a scalar:
-        out = u B^T,  dB = g^T u,  du = c (g B),  dA = du^T xk,  dx = (du A) * keep
-    with g = grad_out [N, out]; xk is rebuilt from x and the mask when A's gradient needs it.
+        out = u B^T,  dB = g^T u,  du = c (g B),  dA = du^T xk,  dx = (du A) zeroed at drops
+    with g = grad_out [N, out]; xk is rebuilt from x and drops when A's gradient needs it.
     Given `base` [..., out] (the frozen layer's output, in x's dtype), the update is added into it
     in place (one addmm, no [N, out] temporary) and base is returned; its gradient is grad_out.
     """
 
     @staticmethod
-    def forward(ctx, x, A, B, keep, scale: float, p: float, base=None):
-        c = scale / (1 - p) if keep is not None else scale  # no mask (eval, p == 0): no dropout
-        u = F.linear(_kept(x, keep), A) * c  # [..., r]
-        # 1 bit per element instead of a bool's byte: 130 MB less for SmolLM2's step of 4 x 256
-        # tokens (7 masks per block), for ~0.1 ms of packing per 576 x 1024 mask.
-        ctx.save_for_backward(x, A, B, pack_mask(keep) if keep is not None else None, u)
+    def forward(ctx, x, A, B, drops, scale: float, p: float, base=None):
+        c = scale / (1 - p) if drops is not None else scale  # no drops (eval, p == 0): no dropout
+        u = F.linear(_zeroed(x, drops), A) * c  # [..., r]
+        ctx.save_for_backward(x, A, B, drops, u)
         ctx.c, ctx.has_base = c, base is not None
         if base is None:
             return F.linear(u, B)
@@ -219,15 +215,15 @@ class LoRAUpdate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, A, B, packed, u = ctx.saved_tensors
-        keep = unpack_mask(packed, x.shape) if packed is not None else None
+        x, A, B, drops, u = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         g = grad_out.reshape(-1, B.shape[0])  # [N, out]
         u = u.reshape(-1, A.shape[0])          # [N, r]
         grad_b = g.t() @ u if need_b else None
         du = (g @ B) * ctx.c                   # [N, r]
-        grad_a = du.t() @ _kept(x, keep).reshape(-1, A.shape[1]) if need_a else None
-        grad_x = _kept((du @ A).view(x.shape), keep) if need_x else None
+        grad_a = du.t() @ _zeroed(x, drops).reshape(-1, A.shape[1]) if need_a else None
+        # du @ A is a new contiguous tensor: its dropped entries are zeroed in place
+        grad_x = _zeroed((du @ A).view(x.shape), drops, copy=False) if need_x else None
         return grad_x, grad_a, grad_b, None, None, None, grad_out if ctx.has_base else None
 
 

@@ -1,14 +1,17 @@
 """LoRA layer: merge exactness, PEFT as oracle for the saved adapter, gradient isolation."""
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from model.checkpoint import load, save
 from model.config import preset
 from model.llama import Llama
-from model.lora import (ALL_LINEAR, LoRAConfig, LoRALinear, LoRAUpdate, apply_lora, dropout_keep_mask, dropout_p,
-                        load_adapter, lora_modules, lora_update_reference, merge_lora, pack_mask, save_adapter,
-                        unpack_mask)
+import model.lora as lora
+from model.lora import (ALL_LINEAR, LoRAConfig, LoRALinear, LoRAUpdate, apply_lora, dropout_drops, keep_mask,
+                        load_adapter, lora_modules, lora_update_reference, merge_lora, save_adapter)
 from tests.conftest import need_module
 
 
@@ -191,14 +194,15 @@ def _lora_inputs(p: float, dtype=torch.float32):
     A = (torch.randn(3, 12, generator=g) * 0.3).to(dtype).requires_grad_()
     B = (torch.randn(7, 3, generator=g) * 0.3).to(dtype).requires_grad_()
     keep = torch.rand(x.shape, generator=g) >= p if p > 0 else None
-    return x, A, B, keep
+    drops = (~keep).reshape(-1).nonzero().view(-1).to(torch.int32) if p > 0 else None  # LoRAUpdate's form
+    return x, A, B, keep, drops
 
 
 def test_lora_update_equals_the_autograd_definition_with_and_without_dropout():
     for p in (0.0, 0.3):
         for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
-            x, A, B, keep = _lora_inputs(p, dtype)
-            ours = LoRAUpdate.apply(x, A, B, keep, 2.0, p)
+            x, A, B, keep, drops = _lora_inputs(p, dtype)
+            ours = LoRAUpdate.apply(x, A, B, drops, 2.0, p)
             ref = lora_update_reference(x, A, B, keep, 2.0, p)
             assert (ours.float() - ref.float()).abs().max() <= tol
             grad = torch.randn(ours.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
@@ -207,22 +211,22 @@ def test_lora_update_equals_the_autograd_definition_with_and_without_dropout():
             for name, a, b in zip("xAB", got, want):
                 assert (a.float() - b.float()).abs().max() <= tol * max(1.0, b.float().abs().max()), (p, dtype, name)
     # Added into a base output in place: the same sum, and the base's own gradient is grad_out.
-    x, A, B, keep = _lora_inputs(0.3)
+    x, A, B, keep, drops = _lora_inputs(0.3)
     W = torch.randn(7, 12, generator=torch.Generator().manual_seed(5), requires_grad=True)
     grad = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(6))
-    ours = LoRAUpdate.apply(x, A, B, keep, 2.0, 0.3, x @ W.t())
+    ours = LoRAUpdate.apply(x, A, B, drops, 2.0, 0.3, x @ W.t())
     ref = x @ W.t() + lora_update_reference(x, A, B, keep, 2.0, 0.3)
     assert torch.allclose(ours, ref, atol=1e-6)
     for a, b in zip(torch.autograd.grad(ours, (x, A, B, W), grad), torch.autograd.grad(ref, (x, A, B, W), grad)):
         assert torch.allclose(a, b, atol=1e-5)
-    dx = torch.autograd.grad(LoRAUpdate.apply(x, A, B, keep, 2.0, 0.3).sum(), x)[0]
+    dx = torch.autograd.grad(LoRAUpdate.apply(x, A, B, drops, 2.0, 0.3).sum(), x)[0]
     assert torch.all(dx[~keep] == 0) and torch.all(dx[keep] != 0)  # dropped inputs get no gradient
 
 
-def test_lora_layers_reading_one_input_save_it_once_with_bit_masks():
-    # q, k and v read the same x: autograd must keep x once, plus a 1-bit mask and the [N, r]
-    # product per layer (the frozen base matmul saves only its weight). The plain definition keeps
-    # each layer's own dropped-out copy of x instead (PEFT: and a float mask on top).
+def test_lora_layers_reading_one_input_save_it_once_with_their_dropped_positions():
+    # q, k and v read the same x: autograd must keep x once, plus the dropped positions (int32)
+    # and the [N, r] product per layer (the frozen base matmul saves only its weight). The plain
+    # definition keeps each layer's own dropped-out copy of x instead (PEFT: and a float mask).
     x, *_ = _lora_inputs(0.3)
     layers = [LoRALinear(torch.nn.Linear(12, 7, bias=False), r=3, alpha=6, dropout=0.3).train() for _ in range(3)]
     for layer in layers:
@@ -230,47 +234,62 @@ def test_lora_layers_reading_one_input_save_it_once_with_bit_masks():
     torch.manual_seed(5)
     _, ours = _saved_bytes(lambda: [layer(x) for layer in layers])
     torch.manual_seed(5)
-    masks = [dropout_keep_mask(x, 0.3) for _ in layers]
-    _, ref = _saved_bytes(lambda: [x @ m.weight.t() + lora_update_reference(x, m.lora_A, m.lora_B, keep, 2.0, 0.3)
-                                   for m, keep in zip(layers, masks)])
+    drops = [dropout_drops(x, 0.3) for _ in layers]
+    _, ref = _saved_bytes(lambda: [x @ m.weight.t() + lora_update_reference(x, m.lora_A, m.lora_B,
+                                                                           keep_mask(d, x.shape), 2.0, 0.3)
+                                   for m, d in zip(layers, drops)])
     n, weights = x.numel(), 3 * 4 * (7 * 12 + 3 * 12 + 7 * 3)  # W, A, B of each layer, fp32
     xa = 3 * 4 * (10 * 3)                                        # [N=10, r=3] fp32 per layer
-    assert ours == weights + 4 * n + 3 * (n // 8) + xa           # x once + three packed masks
+    dropped = sum(d.numel() for d in drops)
+    assert 0 < dropped < 3 * n
+    assert ours == weights + 4 * n + 4 * dropped + xa            # x once + each layer's int32 positions
     assert ref == weights + 3 * 4 * n + 3 * n + xa               # three dropped-out copies of x, bool masks
-    assert ref - ours == 8 * n + 3 * (n - n // 8)
 
 
-def test_packed_masks_hold_8_elements_per_byte_and_unpack_exactly():
-    # By hand: element i of a group of 8 is bit 7 - i of its byte.
-    by_hand = torch.tensor([1, 0, 0, 0, 0, 0, 0, 1, 0, 1, 1, 0, 0, 0, 0, 0], dtype=torch.bool)
-    assert pack_mask(by_hand).tolist() == [0b10000001, 0b01100000]
-    g = torch.Generator().manual_seed(0)
-    for shape in ((4, 256, 576), (3, 5), (1,), (2, 3, 7)):  # numel 589824, 15, 1, 42: padding too
-        keep = torch.rand(shape, generator=g) >= 0.3
-        packed = pack_mask(keep)
-        assert packed.dtype == torch.uint8 and packed.numel() == -(-keep.numel() // 8)
-        assert torch.equal(unpack_mask(packed, keep.shape), keep), shape
-    for fill in (True, False):
-        keep = torch.full((64,), fill)
-        assert pack_mask(keep).tolist() == [255 if fill else 0] * 8
-        assert torch.equal(unpack_mask(pack_mask(keep), keep.shape), keep)
+def test_dropout_drops_are_sorted_positions_and_keep_mask_inverts_them():
+    torch.manual_seed(0)
+    for shape, p in (((4, 256, 576), 0.05), ((3, 5), 0.3), ((1,), 0.5), ((2, 3, 7), 0.9)):
+        x = torch.empty(shape)
+        drops = dropout_drops(x, p)
+        assert drops.dtype == torch.int32 and drops.dim() == 1
+        assert torch.all(drops[1:] > drops[:-1]) and (drops.numel() == 0 or 0 <= drops.min() <= drops.max() < x.numel())
+        keep = keep_mask(drops, x.shape)
+        assert keep.shape == shape and int((~keep).sum()) == drops.numel()
+        assert torch.equal((~keep).reshape(-1).nonzero().view(-1).to(torch.int32), drops)
+    by_hand = keep_mask(torch.tensor([0, 4, 5], dtype=torch.int32), torch.Size([2, 3]))
+    assert by_hand.tolist() == [[False, True, True], [True, False, False]]
+    assert dropout_drops(torch.empty(3), 0.0) is None and keep_mask(None, torch.Size([3])) is None
+    with pytest.raises(ValueError, match="dropout must be in"):
+        LoRALinear(torch.nn.Linear(4, 4), r=2, alpha=4, dropout=1.0)
 
 
-def test_dropout_keep_mask_rate_and_lora_linear_uses_it_in_training_only():
-    assert dropout_p(0.05) == 1638 / 2**15 and dropout_p(0.5) == 0.5 and dropout_p(0.0) == 0.0
-    keep = dropout_keep_mask(torch.empty(1_000_000), 0.05)
-    # mean of 1e6 Bernoulli(0.95): std 2.2e-4, so 0.95 +- 1e-3 is 4.6 standard deviations
-    assert keep.dtype == torch.bool and abs(keep.float().mean().item() - 0.95) < 1e-3
-    # each int64 draw feeds 4 neighbouring entries; each of the 4 must be Bernoulli(0.95) on its
-    # own (the draw's top bit is always 0: used unmasked, entry 3 would always be kept and the
-    # others kept at 0.475). 250k each: std 4.4e-4, so 2e-3 is 4.5 standard deviations.
-    by_field = keep.view(-1, 4).float().mean(0)
-    assert (by_field - 0.95).abs().max() < 2e-3, by_field
-    for p in (0.1, 0.5):
-        rate = dropout_keep_mask(torch.empty(1_000_000), p).float().mean().item()
-        assert abs(rate - (1 - p)) < 3e-3, (p, rate)
-    assert dropout_keep_mask(torch.empty(5, 3), 0.3).shape == (5, 3)  # numel not a multiple of 4
-    assert dropout_keep_mask(torch.empty(3), 0.0) is None
+def _check_bernoulli(keep: torch.Tensor, p: float):
+    """keep [n] bool: i.i.d. Bernoulli(1 - p), checked by the rate, by the rate of neighbouring
+    pairs both dropped (p^2 if independent) and by the gap lengths (geometric)."""
+    n = keep.numel()
+    drop = ~keep
+    rate = drop.float().mean().item()
+    assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / n), (p, rate)   # 5 standard deviations
+    pairs = (drop[1:] & drop[:-1]).float().mean().item()
+    assert abs(pairs - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / (n / 2)), (p, pairs)  # pairs overlap: n/2
+    gaps = torch.diff(drop.nonzero().view(-1)).float()
+    for k in (1, 2, 5):  # P(gap = k) = (1 - p)^(k - 1) p
+        want = (1 - p) ** (k - 1) * p
+        got = (gaps == k).float().mean().item()
+        assert abs(got - want) < 5 * math.sqrt(want * (1 - want) / gaps.numel()), (p, k, got, want)
+
+
+def test_dropout_drops_draw_independent_bernoulli_trials(monkeypatch):
+    torch.manual_seed(1)
+    for p in (0.05, 0.1, 0.5):
+        _check_bernoulli(keep_mask(dropout_drops(torch.empty(1_000_000), p), torch.Size([1_000_000])), p)
+    # The draw-more loop (rarely needed at 8 standard deviations) gives the same distribution:
+    # force it by drawing far too few gaps at a time.
+    monkeypatch.setattr(lora, "SIGMAS", -900)  # 16 gaps per draw at p = 0.05 and n = 2e5
+    _check_bernoulli(keep_mask(dropout_drops(torch.empty(200_000), 0.05), torch.Size([200_000])), 0.05)
+
+
+def test_lora_linear_uses_dropout_in_training_only():
     layer = LoRALinear(torch.nn.Linear(12, 7, bias=False), r=3, alpha=6, dropout=0.3)
     with torch.no_grad():
         layer.lora_B.normal_()
@@ -278,8 +297,8 @@ def test_dropout_keep_mask_rate_and_lora_linear_uses_it_in_training_only():
     torch.manual_seed(11)
     trained = layer.train()(x)
     torch.manual_seed(11)
-    mask = dropout_keep_mask(x, 0.3)
-    expected = x @ layer.weight.t() + lora_update_reference(x, layer.lora_A, layer.lora_B, mask, 2.0, dropout_p(0.3))
+    mask = keep_mask(dropout_drops(x, 0.3), x.shape)
+    expected = x @ layer.weight.t() + lora_update_reference(x, layer.lora_A, layer.lora_B, mask, 2.0, 0.3)
     assert torch.allclose(trained, expected, atol=1e-6)
     evaluated = layer.eval()(x)
     assert torch.allclose(evaluated, x @ layer.weight.t() + lora_update_reference(

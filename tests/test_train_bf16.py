@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from model import assets
 from model.config import preset
 from model.llama import Llama
-from model.lora import LoRALinear, apply_lora, dropout_keep_mask, dropout_p, lora_update_reference
+from model.lora import LoRALinear, apply_lora, dropout_drops, keep_mask, lora_update_reference
 from tests.conftest import need
 from train.inscp import main
 
@@ -42,9 +42,9 @@ def test_lora_linear_under_autocast_computes_in_bf16_and_keeps_fp32_gradients():
 
     # reference: the fp32 definition with the same dropout mask
     torch.manual_seed(1)
-    keep = dropout_keep_mask(x, 0.1)
+    keep = keep_mask(dropout_drops(x, 0.1), x.shape)
     A, B = (layer.lora_A.detach().clone().requires_grad_(), layer.lora_B.detach().clone().requires_grad_())
-    ref = x @ layer.weight.t() + lora_update_reference(x, A, B, keep, 2.0, dropout_p(0.1))
+    ref = x @ layer.weight.t() + lora_update_reference(x, A, B, keep, 2.0, 0.1)
     ref.square().sum().backward()
     # measured: 0.3% (output) and 0.5% (gradients) of the largest entry
     assert (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
