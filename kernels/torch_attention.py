@@ -17,8 +17,9 @@ Paths here (the Triton kernel is kernels/flash_attention.py; kernels.attention p
     mask (`document_attention`): the work is the sum of the squared document lengths instead of
     T^2 per row, and no [B,1,T,T] mask is built or read. On the main job's packed blocks (4 x 256
     tokens, documents of ~57 tokens) forward + backward of one layer took 28.9 ms against 41.5 ms
-    for SDPA with the dense mask (`scripts/bench_kernels.py --cpu-attention`, 2-core EPYC, fp32). Rows of one document each get a single
-    plain causal SDPA. FlexAttention is not an option here: torch 2.13 refuses its backward on
+    for SDPA with the dense mask (`scripts/bench_kernels.py --cpu-attention`, 2-core EPYC, fp32).
+    Rows of one document each get a single plain causal SDPA. bf16 documents shorter than
+    CPU_FP32_BELOW tokens are attended in fp32, where torch's CPU kernel is faster on them. FlexAttention is not an option here: torch 2.13 refuses its backward on
     CPU ("FlexAttention does not support backward on CPU"), its eager forward is ~4x slower than
     SDPA with a dense mask, and compiling it for CPU took 45 s (B=4, H=9, T=512, hd=64).
   - CPU tensors with key_mask (padded batches, with or without segments): SDPA with a dense bool
@@ -114,6 +115,22 @@ def document_lengths(segments: torch.Tensor) -> list[list[int]]:
     return rows
 
 
+# Below this many tokens, CPU attention in bf16 (or fp16) runs in fp32: torch 2.13's CPU flash
+# kernel is slower in bf16 than in fp32 on short sequences (forward + backward of one document,
+# H=9, hd=64, 2-core EPYC with AVX512-BF16: 64 tokens 1.33 ms in bf16 vs 0.58 ms through fp32,
+# 256 tokens 5.6 vs 5.0 ms; from ~320 tokens on bf16 is faster: 768 tokens 21.8 vs 30.7 ms).
+CPU_FP32_BELOW = 320
+
+
+def _sdpa_causal_or_not(q, k, v, causal: bool) -> torch.Tensor:
+    """Unmasked SDPA of q[B,H,L,hd], k/v[B,K,L,hd]; short bf16/fp16 sequences on CPU in fp32."""
+    gqa = q.shape[1] != k.shape[1]
+    if q.device.type == "cpu" and q.dtype != torch.float32 and q.shape[2] < CPU_FP32_BELOW:
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal, enable_gqa=gqa)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+
+
 # Data-dependent lengths: a compiled block would specialise (recompile) on every batch's lengths,
 # so this runs eagerly between the compiled parts of the block.
 @torch.compiler.disable
@@ -127,11 +144,10 @@ def document_attention(q, k, v, segments: torch.Tensor, causal: bool = True) -> 
     """
     lengths = document_lengths(segments)
     if all(len(row) == 1 for row in lengths):
-        return sdpa_attention(q, k, v, None, None, causal)
-    gqa = q.shape[1] != k.shape[1]
+        return _sdpa_causal_or_not(q, k, v, causal)
     rows = []
     for qb, kb, vb, lens in zip(q.unbind(0), k.unbind(0), v.unbind(0), lengths):  # [H,T,hd] each
-        docs = [F.scaled_dot_product_attention(qd[None], kd[None], vd[None], is_causal=causal, enable_gqa=gqa)[0]
+        docs = [_sdpa_causal_or_not(qd[None], kd[None], vd[None], causal)[0]
                 for qd, kd, vd in zip(qb.split(lens, 1), kb.split(lens, 1), vb.split(lens, 1))]
         rows.append(torch.cat([d.transpose(0, 1) for d in docs], 0))  # [T,H,hd]
     return torch.stack(rows).transpose(1, 2)

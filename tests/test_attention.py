@@ -205,17 +205,20 @@ def test_dispatch_picks_the_path(backend, monkeypatch):
     out = kernels.attention(q.requires_grad_(), k, v, segments=segments)
     assert type(out.grad_fn).__name__ == "FlashAttentionFunctionBackward"
     calls = []
-    for name in ("sdpa_attention", "flex_attention", "document_attention"):
+    for name in ("sdpa_attention", "flex_attention", "document_attention", "_sdpa_causal_or_not"):
         real = getattr(torch_path, name)
-        monkeypatch.setattr(torch_path, name, lambda *a, _n=name, _f=real: calls.append((_n, a[3])) or _f(*a))
+        monkeypatch.setattr(torch_path, name, lambda *a, _n=name, _f=real: calls.append((_n, a)) or _f(*a))
     backend("auto" if DEVICE == "cpu" else "torch")
     kernels.attention(q, k, v, segments=segments)
     kernels.attention(q, k, v, segments=torch.zeros_like(segments))
-    if DEVICE == "cpu":
-        assert [name for name, _ in calls] == ["document_attention", "document_attention", "sdpa_attention"]
-        assert calls[0][1] is segments and calls[2][1] is None  # one-document rows: SDPA without segments
+    names = [name for name, _ in calls]
+    if DEVICE == "cpu":  # one unmasked SDPA per document; one for the whole batch of one-document rows
+        n_docs = sum(len(row) for row in torch_path.document_lengths(segments))
+        assert names == ["document_attention"] + ["_sdpa_causal_or_not"] * n_docs + ["document_attention",
+                                                                                     "_sdpa_causal_or_not"]
+        assert calls[0][1][3] is segments and calls[-1][1][0].shape == q.shape
     else:
-        assert [name for name, _ in calls] == ["flex_attention", "flex_attention"]
+        assert names == ["flex_attention", "flex_attention"]
 
 
 def test_bad_masks_are_refused():
