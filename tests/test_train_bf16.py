@@ -52,6 +52,26 @@ def test_lora_linear_under_autocast_computes_in_bf16_and_keeps_fp32_gradients():
         assert (got[name] - want).abs().max() <= 2e-2 * want.abs().max(), name
 
 
+def test_frozen_weight_is_cast_once_under_autocast_and_recast_when_it_changes():
+    layer = LoRALinear(torch.nn.Linear(12, 7, bias=False), r=3, alpha=6, dropout=0.0)
+    layer.weight.requires_grad_(False)  # frozen, as apply_lora leaves it
+    x = torch.randn(4, 12)
+    with torch.autocast(**BF16):
+        first = layer.frozen_weight(torch.bfloat16)
+        assert first.dtype == torch.bfloat16 and torch.equal(first, layer.weight.to(torch.bfloat16))
+        assert layer.frozen_weight(torch.bfloat16) is first  # kept, not cast again
+        y = layer(x)
+        # B = 0, so only the base path: the same numbers as autocast's own cast of W and x
+        assert y.dtype == torch.bfloat16 and torch.equal(y, torch.nn.functional.linear(x, layer.weight))
+    with torch.no_grad():
+        layer.weight.mul_(2)  # an in-place change (merge, a load) bumps the version: cast again
+    again = layer.frozen_weight(torch.bfloat16)
+    assert again is not first and torch.equal(again, layer.weight.to(torch.bfloat16))
+    assert layer.frozen_weight(torch.float32) is layer.weight  # already in the compute dtype
+    layer.weight.requires_grad_(True)
+    assert layer.frozen_weight(torch.bfloat16) is layer.weight  # trainable: autocast casts it, with grad
+
+
 def test_loss_sum_under_autocast_follows_fp32_cross_entropy():
     model = Llama(preset("tiny")).init_weights(seed=0).train()
     torch.manual_seed(0)
