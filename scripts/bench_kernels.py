@@ -13,7 +13,7 @@ packed documents (segments) through kernels.attention's Triton kernel versus Fle
 Without CUDA it says so and exits 0.
 
 CPU attention mode:
-    python scripts/bench_kernels.py --cpu-attention [--tokens 256 --doc-len 70]
+    python scripts/bench_kernels.py --cpu-attention [--tokens 256 --doc-len 70 --dtype bf16]
 One SmolLM2-sized attention layer (B=4, Hq=9, Hkv=3, hd=64, fp32) on packed documents of random
 length 1 .. 2 x --doc-len, T = --tokens: kernels.attention's CPU path (one SDPA per document)
 against SDPA with the dense [B,1,T,T] mask and against plain causal SDPA (no documents: the
@@ -314,8 +314,10 @@ def bench_cpu_memory(tokens: int, vocab: int, dim: int, chunks, max_gib: float) 
               f"{r['peak_extra'] / logits:.2f} |  (loss {r['loss']:.4f})", flush=True)
 
 
-def bench_cpu_attention(T: int, doc_len: int, B: int = 4, H: int = 9, K: int = 3, hd: int = 64) -> None:
-    """Print a markdown table: the CPU attention paths on packed documents, seconds per call."""
+def bench_cpu_attention(T: int, doc_len: int, dtype: torch.dtype = torch.float32, B: int = 4, H: int = 9, K: int = 3,
+                        hd: int = 64) -> None:
+    """Print a markdown table: the CPU attention paths on packed documents, seconds per call.
+    In bf16 also the per-document path with every document kept in bf16 (no fp32 route)."""
     from kernels import torch_attention as attention
     from scripts.benchmarking import best_time
     gen = torch.Generator().manual_seed(0)
@@ -326,12 +328,20 @@ def bench_cpu_attention(T: int, doc_len: int, B: int = 4, H: int = 9, K: int = 3
     segments = torch.stack(rows)
     lengths = attention.document_lengths(segments)
     work = sum(n * (n + 1) / 2 for row in lengths for n in row) / (B * T * (T + 1) / 2)
-    q, k, v = (torch.randn(B, h, T, hd, generator=gen, requires_grad=True) for h in (H, K, K))
-    grad = torch.randn(B, H, T, hd, generator=gen)
+    q, k, v = (torch.randn(B, h, T, hd, generator=gen).to(dtype).requires_grad_() for h in (H, K, K))
+    grad = torch.randn(B, H, T, hd, generator=gen).to(dtype)
     paths = {"per document (kernels.attention)": lambda: attention.attention_torch(q, k, v, segments),
              "SDPA, dense [B,1,T,T] mask": lambda: attention.sdpa_attention(q, k, v, segments),
              "SDPA, causal, documents ignored": lambda: attention.sdpa_attention(q, k, v)}
-    print(f"B={B} Hq={H} Hkv={K} T={T} hd={hd} fp32, {sum(map(len, lengths))} documents "
+    if dtype != torch.float32:
+        def in_dtype():
+            below, attention.CPU_FP32_BELOW = attention.CPU_FP32_BELOW, 0
+            try:
+                return attention.attention_torch(q, k, v, segments)
+            finally:
+                attention.CPU_FP32_BELOW = below
+        paths[f"per document, every document in {str(dtype)[6:]}"] = in_dtype
+    print(f"B={B} Hq={H} Hkv={K} T={T} hd={hd} {str(dtype)[6:]}, {sum(map(len, lengths))} documents "
           f"(mean {B * T / sum(map(len, lengths)):.0f} tokens; causal work within documents: {work:.0%} of "
           f"the causal T x T), {torch.get_num_threads()} threads, best of 5")
     print("| path | forward ms | forward+backward ms |\n|---|---:|---:|")
@@ -348,6 +358,7 @@ def main() -> None:
     parser.add_argument("--cpu-memory", action="store_true", help="CE memory on CPU, chunked vs materialised")
     parser.add_argument("--cpu-attention", action="store_true", help="attention on packed documents on CPU")
     parser.add_argument("--doc-len", type=int, default=70, help="mean document length for --cpu-attention")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="--cpu-attention: q, k, v dtype")
     parser.add_argument("--tokens", type=int, default=None, help="--cpu-memory: 8192 tokens; --cpu-attention: T=256")
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--dim", type=int, default=256)
@@ -358,7 +369,7 @@ def main() -> None:
     if args._child:
         _cpu_memory_child(*args._child)
     elif args.cpu_attention:
-        bench_cpu_attention(args.tokens or 256, args.doc_len)
+        bench_cpu_attention(args.tokens or 256, args.doc_len, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
     elif args.cpu_memory:
         bench_cpu_memory(args.tokens or 8192, args.vocab, args.dim, [int(c) for c in args.chunks.split(",")],
                          args.max_gib)
