@@ -106,15 +106,21 @@ class LoRALinear(nn.Linear):
         and the copy kept while W is unchanged (same tensor, same version), since autocast casts a
         weight that needs no gradient again on every call (SmolLM2: 107M weights cast per step,
         ~0.4 s of a 2.76 s bf16 step on a 2-core EPYC). Not extra memory at the peak: each cast
-        is saved for backward anyway.
+        is saved for backward anyway. The copy lives while the layer trains (train(False) drops
+        it): evaluation casts per call, as autocast does, one layer's weight at a time.
         A trainable W, one already in `dtype`, and compiled code (inductor fuses the cast) get W."""
         w = self.weight
-        if w.dtype == dtype or w.requires_grad or torch.compiler.is_compiling():
+        if w.dtype == dtype or w.requires_grad or not self.training or torch.compiler.is_compiling():
             return w
         key = (dtype, w.device, w.data_ptr(), w._version)
         if self._cast is None or self._cast[0] != key:
             self._cast = (key, w.detach().to(dtype))
         return self._cast[1]
+
+    def train(self, mode: bool = True) -> "LoRALinear":
+        if not mode:
+            self._cast = None  # the frozen weight's training copy (frozen_weight)
+        return super().train(mode)
 
     def delta(self) -> torch.Tensor:
         """The update as a full matrix, scale * B @ A, [out, in] (computed in fp32)."""

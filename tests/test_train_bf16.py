@@ -53,7 +53,7 @@ def test_lora_linear_under_autocast_computes_in_bf16_and_keeps_fp32_gradients():
 
 
 def test_frozen_weight_is_cast_once_under_autocast_and_recast_when_it_changes():
-    layer = LoRALinear(torch.nn.Linear(12, 7, bias=False), r=3, alpha=6, dropout=0.0)
+    layer = LoRALinear(torch.nn.Linear(12, 7, bias=False), r=3, alpha=6, dropout=0.0).train()
     layer.weight.requires_grad_(False)  # frozen, as apply_lora leaves it
     x = torch.randn(4, 12)
     with torch.autocast(**BF16):
@@ -68,6 +68,9 @@ def test_frozen_weight_is_cast_once_under_autocast_and_recast_when_it_changes():
     again = layer.frozen_weight(torch.bfloat16)
     assert again is not first and torch.equal(again, layer.weight.to(torch.bfloat16))
     assert layer.frozen_weight(torch.float32) is layer.weight  # already in the compute dtype
+    layer.eval()  # evaluation: no copy kept, the one of training dropped
+    assert layer._cast is None and layer.frozen_weight(torch.bfloat16) is layer.weight
+    layer.train()
     layer.weight.requires_grad_(True)
     assert layer.frozen_weight(torch.bfloat16) is layer.weight  # trainable: autocast casts it, with grad
 
