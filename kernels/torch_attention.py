@@ -19,9 +19,10 @@ Paths here (the Triton kernel is kernels/flash_attention.py; kernels.attention p
     tokens, documents of ~57 tokens) forward + backward of one layer took 28.9 ms against 41.5 ms
     for SDPA with the dense mask (`scripts/bench_kernels.py --cpu-attention`, 2-core EPYC, fp32).
     Rows of one document each get a single plain causal SDPA. bf16 documents shorter than
-    CPU_FP32_BELOW tokens are attended in fp32, where torch's CPU kernel is faster on them. FlexAttention is not an option here: torch 2.13 refuses its backward on
-    CPU ("FlexAttention does not support backward on CPU"), its eager forward is ~4x slower than
-    SDPA with a dense mask, and compiling it for CPU took 45 s (B=4, H=9, T=512, hd=64).
+    CPU_FP32_BELOW tokens are attended in fp32, where torch's CPU kernel is faster on them.
+    FlexAttention is not an option here: torch 2.13 refuses its backward on CPU ("FlexAttention
+    does not support backward on CPU"), its eager forward is ~4x slower than SDPA with a dense
+    mask, and compiling it for CPU took 45 s (B=4, H=9, T=512, hd=64).
   - CPU tensors with key_mask (padded batches, with or without segments): SDPA with a dense bool
     mask [B,1,T,S].
   - CUDA tensors with segments: FlexAttention (compiled) with a document block mask, which skips
