@@ -14,7 +14,7 @@ Without CUDA it says so and exits 0.
 
 CPU attention mode:
     python scripts/bench_kernels.py --cpu-attention [--tokens 256 --doc-len 70 --dtype bf16]
-One SmolLM2-sized attention layer (B=4, Hq=9, Hkv=3, hd=64, fp32) on packed documents of random
+One SmolLM2-sized attention layer (B=4, Hq=9, Hkv=3, hd=64, fp32 or --dtype) on packed documents of random
 length 1 .. 2 x --doc-len, T = --tokens: kernels.attention's CPU path (one SDPA per document)
 against SDPA with the dense [B,1,T,T] mask and against plain causal SDPA (no documents: the
 cost of ignoring them), forward and forward+backward, best of 5.
@@ -369,7 +369,8 @@ def main() -> None:
     if args._child:
         _cpu_memory_child(*args._child)
     elif args.cpu_attention:
-        bench_cpu_attention(args.tokens or 256, args.doc_len, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
+        from train.parallelize import DTYPES
+        bench_cpu_attention(args.tokens or 256, args.doc_len, DTYPES[args.dtype])
     elif args.cpu_memory:
         bench_cpu_memory(args.tokens or 8192, args.vocab, args.dim, [int(c) for c in args.chunks.split(",")],
                          args.max_gib)

@@ -56,8 +56,7 @@ from model.config import preset  # noqa: E402
 from model.llama import Llama  # noqa: E402
 from scripts.bench_train import matmul_peak_gflops, timed_steps  # noqa: E402
 from scripts.benchmarking import peak_memory_mib, reset_peak_memory  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from train.parallelize import DTYPES  # noqa: E402
 SPEC_PEAK_TFLOPS = 989.0  # H100 / H200 SXM, dense bf16 (the 1979 of the data sheet is with 2:4 sparsity)
 MFU_GOAL = 0.45
 DECODE_SIDES = ("ours", "ours-compiled", "transformers")
