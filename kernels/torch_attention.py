@@ -127,7 +127,9 @@ def _sdpa_causal_or_not(q, k, v, causal: bool) -> torch.Tensor:
     """Unmasked SDPA of q[B,H,L,hd], k/v[B,K,L,hd]; short bf16/fp16 sequences on CPU in fp32."""
     gqa = q.shape[1] != k.shape[1]
     if q.device.type == "cpu" and q.dtype != torch.float32 and q.shape[2] < CPU_FP32_BELOW:
-        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal, enable_gqa=gqa)
+        # CPU autocast lists SDPA among its bf16 ops and would cast the fp32 inputs straight back.
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal, enable_gqa=gqa)
         return out.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
 

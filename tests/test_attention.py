@@ -221,6 +221,22 @@ def test_dispatch_picks_the_path(backend, monkeypatch):
         assert names == ["flex_attention", "flex_attention"]
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the fp32 detour for short documents is CPU-only")
+def test_short_bf16_documents_run_in_fp32_under_autocast():
+    """bf16 documents under CPU_FP32_BELOW tokens are attended in fp32 also inside bf16 autocast
+    (the training path): CPU autocast lists SDPA among its bf16 ops and would cast the fp32
+    inputs back (inside the dispatcher, so only the numbers show it), so the detour must switch
+    autocast off. Same numbers as without autocast, bit for bit."""
+    (q, k, v), causal, segments, *_ = case_inputs("gqa_docs", torch.bfloat16)
+    plain = torch_path.document_attention(q, k, v, segments, causal)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = torch_path.document_attention(q, k, v, segments, causal)
+        # the detour's premise: autocast does cast SDPA's fp32 inputs to bf16
+        assert torch_path.F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                         enable_gqa=True).dtype == torch.bfloat16
+    assert under.dtype == torch.bfloat16 and torch.equal(under, plain)
+
+
 def test_bad_masks_are_refused():
     (q, k, v), *_ = case_inputs("decode_with_cache", torch.float32)
     with pytest.raises(ValueError, match="segments .* need T == S"):
