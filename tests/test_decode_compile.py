@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 from torch._dynamo.utils import counters
 
+from model import quantize as model_quantize
 from model.generate import Sampling, generate
 from model.quantize import quantize_int8
 from model.quantize_int4 import quantize_int4
@@ -39,9 +40,12 @@ def test_compiled_greedy_equals_eager_and_recomputation():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("quantize", [quantize_int8, quantize_int4], ids=["int8", "int4"])
-def test_compiled_quantised_decoding_equals_eager(quantize):
+def test_compiled_quantised_decoding_equals_eager(quantize, monkeypatch):
     model = quantize(tiny_model(seed=1))
     s = Sampling(max_new_tokens=NEW, stop_ids=[])
     eager = generate(model, prompts()[:2], s)
     assert len({tuple(row) for row in eager}) > 1
     assert generate(model, prompts()[:2], s, compile=True) == eager
+    if quantize is quantize_int8:  # one row: the multiply-sum path (forced, so on any CPU)
+        monkeypatch.setattr(model_quantize, "ONE_ROW_MULTIPLY_SUM", True)
+        assert generate(model, prompts()[:1], s, compile=True) == eager[:1]

@@ -1,5 +1,5 @@
 """int8 weight-only quantisation (model/quantize.py): the per-row codes and their error bound,
-Int8Linear against a plain-torch reference on both of its CPU kernels, GGUF Q8_0 blocks -> int8
+Int8Linear against a plain-torch reference on each of its CPU kernels, GGUF Q8_0 blocks -> int8
 against the gguf package's own quantiser and dequantiser, loading a Q8_0 GGUF straight into int8,
 and SmolLM2's perplexity on held-out sentences within PPL_DELTA of fp32 (int4's: PPL_DELTA_INT4)."""
 from __future__ import annotations
@@ -15,6 +15,8 @@ from model.config import preset
 from model.export_gguf import export_gguf
 from model.llama import Llama
 from model.lora import apply_lora
+from model import quantize
+from model.generate import DECODE_COMPILE_OPTIONS
 from model.quantize import (INT8PACK_MAX_ROWS, Int8Linear, Int8Weight, int8_from_q8_0, quantize_int8,
                             quantize_weight)
 from model.tokenizer import load_tokenizer
@@ -78,6 +80,28 @@ def test_both_cpu_kernels_compute_the_same_function():
     few = layer(x[:INT8PACK_MAX_ROWS])  # torch._weight_int8pack_mm
     many = layer(x)[:INT8PACK_MAX_ROWS]  # the dequantised fp32 GEMM
     torch.testing.assert_close(few, many, rtol=2 ** -7, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_one_compiled_row_is_a_multiply_sum_computing_the_same_function(monkeypatch):
+    """Compiled, one row takes Inductor's multiply-sum instead of int8pack (forced here, so the
+    path is checked on any CPU) and still computes bf16(bf16(x) @ (q*s)^T) + bias."""
+    monkeypatch.setattr(quantize, "ONE_ROW_MULTIPLY_SUM", True)
+    q, bias = quantize_weight(outlier_weights()), torch.randn(48) * 0.1
+    layer = Int8Linear(q, torch.nn.Parameter(bias))
+    graphs = []
+
+    def record(gm, inputs):  # the traced graph, run as it is (no Inductor: the path is the point)
+        graphs.append(gm)
+        return gm.forward
+    x = torch.randn(1, 1, 96, generator=torch.Generator().manual_seed(3))
+    got = torch.compile(layer, backend=record, fullgraph=True)(x)[0]
+    ops = {node.target for node in graphs[0].graph.nodes if node.op == "call_function"}
+    assert torch._weight_int8pack_mm not in ops
+    want = (x[0].bfloat16().float() @ (q.q.float() * q.s.float()[:, None]).T).bfloat16().float() + bias
+    torch.testing.assert_close(got, want, rtol=2 ** -7, atol=1e-4)
+    inductor = torch.compile(layer, fullgraph=True, options=DECODE_COMPILE_OPTIONS)(x)[0]
+    torch.testing.assert_close(inductor, want, rtol=2 ** -7, atol=1e-4)
 
 
 def test_quantize_int8_model_ties_embedding_to_head_codes_and_refuses_lora():
