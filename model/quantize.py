@@ -24,10 +24,12 @@ reads a quarter of fp32's bytes. Which matmul reads int8 fast depends on the dev
   path does it too, so that scoring measures the numbers decoding produces (it costs the wide
   path up to 3x of an fp32 forward on this CPU).
   Inside the compiled decoding step, one row on an AVX-512 CPU is a multiply-sum over the codes
-  instead (ONE_ROW_MULTIPLY_SUM): Inductor writes it as one loop that converts 32 codes at a
-  time, and on the AVX512-BF16 EPYC (torch 2.13, the shape above, 1 row) it takes 33-42 us
-  (21-27 GB/s, near that box's 30 GB/s) against 74-85 us for int8pack. With AVX2 code
-  (ATEN_CPU_CAPABILITY=avx2, the same box) Inductor's loop takes 335 us against 97 for
+  instead (COMPILED_MULTIPLY_SUM): Inductor writes it as one loop that converts 32 codes at a
+  time. On the AVX512-BF16 EPYC (torch 2.13, the shape above, 30 weights, best of 15) it takes
+  33-42 us (21-27 GB/s, near that box's 30 GB/s) against 74-87 us for int8pack. Alone it also
+  wins at 2 and 4 rows (56 vs 103 us, 109 vs 152), but inside the batch-4 step it made a step
+  9x slower (293 vs 31 ms), so several rows keep int8pack. With AVX2 code
+  (ATEN_CPU_CAPABILITY=avx2, the same box) Inductor's loop takes 335 us at 1 row against 97 for
   int8pack, so there int8pack stays. The multiply-sum computes the same function.
 - other devices (CUDA): F.linear(x, q.to(x.dtype)) * s, as gpt-fast does; under torch.compile
   Inductor fuses the dequantisation into the matmul. (Not measured here: no GPU.)
@@ -58,7 +60,7 @@ SCALE_DTYPE = torch.bfloat16
 # Compiled decoding of one row: a multiply-sum, which Inductor's AVX-512 code turns into one loop
 # converting the int8 codes near memory bandwidth; its AVX2 code converts them element by element
 # (see the module docstring), so elsewhere int8pack stays. Inductor follows ATen's capability.
-ONE_ROW_MULTIPLY_SUM = torch.backends.cpu.get_cpu_capability() == "AVX512"
+COMPILED_MULTIPLY_SUM = torch.backends.cpu.get_cpu_capability() == "AVX512"
 INT8PACK_MAX_ROWS = 8  # measured crossover: int8pack beats fp32 GEMM at 1-4 rows, loses from 16
 _CHUNK_ROWS = 4096     # rows quantised at a time: bounds the float temporaries of a big tensor
 
@@ -138,8 +140,8 @@ class Int8Linear(nn.Module):
     def _cpu(self, rows: torch.Tensor) -> torch.Tensor:
         """bf16(bf16(rows) @ (q*s)^T) [M,N]: int8pack for few rows, one fp32 GEMM for many."""
         rows = rows.to(torch.bfloat16)
-        if rows.shape[0] == 1 and ONE_ROW_MULTIPLY_SUM and torch.compiler.is_compiling():
-            # Inductor's own loop over the codes (eagerly this would build a float [N,K])
+        if rows.shape[0] == 1 and COMPILED_MULTIPLY_SUM and torch.compiler.is_compiling():
+            # Inductor's own loop over the codes (eagerly this would build a float [1,N,K])
             y = (rows.float()[:, None, :] * self.weight.float()).sum(-1) * self.scales.float()
             return y.to(torch.bfloat16)
         if rows.shape[0] <= INT8PACK_MAX_ROWS:

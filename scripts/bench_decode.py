@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch  # noqa: E402
 
+from model.quantize import COMPILED_MULTIPLY_SUM  # noqa: E402
 from scripts.bench_generate import chat_prompts, first_difference  # noqa: E402
 from scripts.benchmarking import first_and_best, hf_copy, run_side  # noqa: E402
 
@@ -234,7 +235,9 @@ def main(argv=None):
     bandwidth = read_bandwidth()
     print(f"model {source}\ncpu, float32 activations, best of {args.repeats}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s; load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the start")
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the start; CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, so compiled int8 batch-1 layers use "
+          f"{'a multiply-sum' if COMPILED_MULTIPLY_SUM else 'int8pack'} (model/quantize.py)")
     errors = []
     with hf_copy(source) as folder:
         for batch in args.batch:

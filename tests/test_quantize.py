@@ -86,7 +86,7 @@ def test_both_cpu_kernels_compute_the_same_function():
 def test_one_compiled_row_is_a_multiply_sum_computing_the_same_function(monkeypatch):
     """Compiled, one row takes Inductor's multiply-sum instead of int8pack (forced here, so the
     path is checked on any CPU) and still computes bf16(bf16(x) @ (q*s)^T) + bias."""
-    monkeypatch.setattr(quantize, "ONE_ROW_MULTIPLY_SUM", True)
+    monkeypatch.setattr(quantize, "COMPILED_MULTIPLY_SUM", True)
     q, bias = quantize_weight(outlier_weights()), torch.randn(48) * 0.1
     layer = Int8Linear(q, torch.nn.Parameter(bias))
     graphs = []
