@@ -123,31 +123,32 @@ class _OneRowLinear(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-# One compiled callable for the process: torch.compile keeps a compiled graph per distinct
-# (model, batch, cache length, dtype); later calls with the same shapes reuse it.
-_compiled_step = None
+# One compiled callable per device type for the process: torch.compile keeps a compiled graph
+# per distinct (model, batch, cache length, dtype); later calls with the same shapes reuse it.
+_compiled_steps: dict = {}
 _compiled_keys: set = set()
 log = logging.getLogger(__name__)
 
 
-# Inductor inlines a pointwise producer (a norm, a residual add) into its consumer's loop. Inlined
-# into a matrix-vector product it is recomputed for every weight row: the head's loop redid the
-# final norm 49152 times (int8, CPU: 3.4 ms of a 17 ms step; 1.2 ms stored once). A decoding
-# step's activations are a few KB, so storing every non-trivial one costs nothing.
-# emulate_precision_casts: keep the bf16 roundings the eager layers do (quantised layers round
-# their input to bf16; Inductor would otherwise drop a bf16 round trip), so that compiled and
-# eager decoding compute the same numbers up to summation order.
+# Inductor options of the CPU step. Inductor inlines a pointwise producer (a norm, a residual add)
+# into its consumer's loop; inlined into a matrix-vector product it is recomputed for every
+# weight row: the head's loop redid the final norm 49152 times (int8: 3.4 ms of a 17 ms step;
+# 1.2 ms stored once). A decoding step's activations are a few KB, so storing every non-trivial
+# one costs nothing. emulate_precision_casts keeps the bf16 roundings the eager layers do
+# (quantised layers round their input to bf16; Inductor would otherwise drop a bf16 round trip),
+# so compiled and eager decoding compute the same numbers up to summation order. Other devices
+# keep Inductor's defaults (not measured there: no GPU so far).
 DECODE_COMPILE_OPTIONS = {"realize_opcount_threshold": 2, "emulate_precision_casts": True}
 
 
-def compiled_decode_step():
+def compiled_decode_step(device_type: str = "cpu"):
     """decode_step under torch.compile (Inductor: C++ on CPU, Triton on CUDA). Inductor keeps
     its generated code in its on-disk cache (TORCHINDUCTOR_CACHE_DIR, default
     /tmp/torchinductor_$USER), so a later process with the same shapes skips code generation."""
-    global _compiled_step
-    if _compiled_step is None:
-        _compiled_step = torch.compile(decode_step, fullgraph=True, options=DECODE_COMPILE_OPTIONS)
-    return _compiled_step
+    if device_type not in _compiled_steps:
+        options = DECODE_COMPILE_OPTIONS if device_type == "cpu" else None
+        _compiled_steps[device_type] = torch.compile(decode_step, fullgraph=True, options=options)
+    return _compiled_steps[device_type]
 
 
 COMPILE_BUCKET = 256
@@ -227,13 +228,14 @@ def generate(model: Llama, prompts: list[list[int]], sampling: Sampling | None =
 
 
 def _compiled_decode(model: Llama, tokens, positions, cache: KVCache, first: bool) -> torch.Tensor:
-    """compiled_decode_step()(...); the first call of a generate() for shapes not seen before in
-    this process is where compilation happens: log its time."""
+    """compiled_decode_step(device type)(...); the first call of a generate() for shapes not seen
+    before in this process is where compilation happens: log its time."""
     key = (id(model), tokens.shape[0], cache.max_len, cache.k[0].dtype, tokens.device)
+    step = compiled_decode_step(tokens.device.type)
     if not first or key in _compiled_keys:
-        return compiled_decode_step()(model, tokens, positions, cache)
+        return step(model, tokens, positions, cache)
     start = time.perf_counter()
-    logits = compiled_decode_step()(model, tokens, positions, cache)
+    logits = step(model, tokens, positions, cache)
     _compiled_keys.add(key)
     log.info("compiled the decoding step (batch %d, cache %d positions) in %.1f s", tokens.shape[0],
              cache.max_len, time.perf_counter() - start)

@@ -51,7 +51,7 @@ def test_left_padded_batch_equals_one_at_a_time():
 def test_slot_step_over_the_whole_cache_equals_recomputation(monkeypatch):
     """generate(compile=True)'s step (fixed shapes: every layer attends over the whole padded
     cache through the key mask), here run eagerly: the same tokens as recomputing everything."""
-    monkeypatch.setattr(generate_module, "compiled_decode_step", lambda: decode_step)
+    monkeypatch.setattr(generate_module, "compiled_decode_step", lambda device_type: decode_step)
     model = tiny_model()
     s = Sampling(max_new_tokens=12, stop_ids=[])
     got = generate(model, prompts(), s, compile=True)
