@@ -138,7 +138,8 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def _cpu(self, rows: torch.Tensor) -> torch.Tensor:
-        """bf16(bf16(rows) @ (q*s)^T) [M,N]: int8pack for few rows, one fp32 GEMM for many."""
+        """bf16(bf16(rows) @ (q*s)^T) [M,N]: int8pack for few rows (one row compiled on AVX-512:
+        a multiply-sum), one fp32 GEMM for many."""
         rows = rows.to(torch.bfloat16)
         if rows.shape[0] == 1 and COMPILED_MULTIPLY_SUM and torch.compiler.is_compiling():
             # Inductor's own loop over the codes (eagerly this would build a float [1,N,K])
