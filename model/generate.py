@@ -227,15 +227,25 @@ def generate(model: Llama, prompts: list[list[int]], sampling: Sampling | None =
     return out
 
 
+def _guard_config():
+    """Dynamo checks its guards before every step: one per module attribute and tensor it read,
+    ~3000 for SmolLM2 (1.5 ms of a 12 ms int8 step on the EPYC). With recursive dict tags it
+    skips the subtree of a module whose __dict__ (and its children's) has not changed since the
+    step was compiled: 0.75 ms. Replacing a submodule or parameter changes the tags."""
+    return torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True)
+
+
 def _compiled_decode(model: Llama, tokens, positions, cache: KVCache, first: bool) -> torch.Tensor:
     """compiled_decode_step(device type)(...); the first call of a generate() for shapes not seen
     before in this process is where compilation happens: log its time."""
     key = (id(model), tokens.shape[0], cache.max_len, cache.k[0].dtype, tokens.device)
     step = compiled_decode_step(tokens.device.type)
     if not first or key in _compiled_keys:
-        return step(model, tokens, positions, cache)
+        with _guard_config():
+            return step(model, tokens, positions, cache)
     start = time.perf_counter()
-    logits = step(model, tokens, positions, cache)
+    with _guard_config():
+        logits = step(model, tokens, positions, cache)
     _compiled_keys.add(key)
     log.info("compiled the decoding step (batch %d, cache %d positions) in %.1f s", tokens.shape[0],
              cache.max_len, time.perf_counter() - start)

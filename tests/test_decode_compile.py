@@ -49,3 +49,18 @@ def test_compiled_quantised_decoding_equals_eager(quantize, monkeypatch):
     if quantize is quantize_int8:  # one row: the multiply-sum path (forced, so on any CPU)
         monkeypatch.setattr(model_quantize, "COMPILED_MULTIPLY_SUM", True)
         assert generate(model, prompts()[:1], s, compile=True) == generate(model, prompts()[:1], s)
+
+
+@pytest.mark.slow
+def test_a_model_changed_in_place_after_compiling_gets_a_new_graph():
+    """The step's guards skip modules whose __dict__ is unchanged (recursive dict tags, see
+    model.generate._guard_config); a model whose layers were replaced in place (the same object,
+    quantised) must still be traced again, not run through the float model's graph."""
+    model = tiny_model(seed=2)
+    s = Sampling(max_new_tokens=NEW, stop_ids=[])
+    three = prompts()[:3]
+    float_tokens = generate(model, three, s, compile=True)
+    quantize_int8(model)  # the same Llama object, its nn.Linear layers now Int8Linear
+    int8_tokens = generate(model, three, s)
+    assert int8_tokens != float_tokens  # so the float graph, run stale, could not pass
+    assert generate(model, three, s, compile=True) == int8_tokens
