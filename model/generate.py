@@ -239,16 +239,13 @@ def _compiled_decode(model: Llama, tokens, positions, cache: KVCache, first: boo
     """compiled_decode_step(device type)(...); the first call of a generate() for shapes not seen
     before in this process is where compilation happens: log its time."""
     key = (id(model), tokens.shape[0], cache.max_len, cache.k[0].dtype, tokens.device)
-    step = compiled_decode_step(tokens.device.type)
-    if not first or key in _compiled_keys:
-        with _guard_config():
-            return step(model, tokens, positions, cache)
     start = time.perf_counter()
     with _guard_config():
-        logits = step(model, tokens, positions, cache)
-    _compiled_keys.add(key)
-    log.info("compiled the decoding step (batch %d, cache %d positions) in %.1f s", tokens.shape[0],
-             cache.max_len, time.perf_counter() - start)
+        logits = compiled_decode_step(tokens.device.type)(model, tokens, positions, cache)
+    if first and key not in _compiled_keys:
+        _compiled_keys.add(key)
+        log.info("compiled the decoding step (batch %d, cache %d positions) in %.1f s", tokens.shape[0],
+                 cache.max_len, time.perf_counter() - start)
     return logits
 
 

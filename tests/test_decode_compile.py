@@ -52,10 +52,11 @@ def test_compiled_quantised_decoding_equals_eager(quantize, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_model_changed_in_place_after_compiling_gets_a_new_graph():
+def test_a_model_changed_in_place_after_compiling_does_not_run_the_old_graph():
     """The step's guards skip modules whose __dict__ is unchanged (recursive dict tags, see
     model.generate._guard_config); a model whose layers were replaced in place (the same object,
-    quantised) must still be traced again, not run through the float model's graph."""
+    quantised) must get a graph of its own layers (traced anew, or an earlier int8 graph whose
+    guards it passes), never the float model's graph."""
     model = tiny_model(seed=2)
     s = Sampling(max_new_tokens=NEW, stop_ids=[])
     three = prompts()[:3]
