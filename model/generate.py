@@ -11,7 +11,7 @@ one slot of. Eager decoding runs Llama.forward on the filled part of the cache (
 without padding, a view of the preallocated one with it). compile=True runs `decode_step` under
 torch.compile instead: fixed shapes (attention over the whole cache, masked), one graph for
 every step, the weights' matrix-vector products as Inductor loops (see _OneRowLinear; int8
-layers on AVX-512 likewise, model.quantize.COMPILED_MULTIPLY_SUM), with DECODE_COMPILE_OPTIONS.
+layers on AVX-512 and AVX2 likewise, model.quantize.COMPILED_ONE_ROW), with DECODE_COMPILE_OPTIONS.
 """
 from __future__ import annotations
 

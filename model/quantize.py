@@ -24,13 +24,18 @@ reads a quarter of fp32's bytes. Which matmul reads int8 fast depends on the dev
   path does it too, so that scoring measures the numbers decoding produces (it costs the wide
   path up to 3x of an fp32 forward on this CPU).
   Inside the compiled decoding step, one row on an AVX-512 CPU is a multiply-sum over the codes
-  instead (COMPILED_MULTIPLY_SUM): Inductor writes it as one loop that converts 32 codes at a
-  time. On the AVX512-BF16 EPYC (torch 2.13, the shape above, 30 weights, best of 15) it takes
-  33-42 us (21-27 GB/s, near that box's 30 GB/s) against 74-87 us for int8pack. Alone it also
-  wins at 2 and 4 rows (56 vs 103 us, 109 vs 152), but inside the batch-4 step it made a step
-  9x slower (293 vs 31 ms), so several rows keep int8pack. With AVX2 code
-  (ATEN_CPU_CAPABILITY=avx2, the same box) Inductor's loop takes 335 us at 1 row against 97 for
-  int8pack, so there int8pack stays. The multiply-sum computes the same function.
+  instead (COMPILED_ONE_ROW = "multiply-sum"): Inductor writes it as one loop that converts 32
+  codes at a time. On the AVX512-BF16 EPYC (torch 2.13, the shape above, 30 weights, best of
+  15) it takes 33-42 us (21-27 GB/s, near that box's 30 GB/s) against 74-87 us for int8pack.
+  Alone it also wins at 2 and 4 rows (56 vs 103 us, 109 vs 152), but inside the batch-4 step it
+  made a step 9x slower (293 vs 31 ms), so several rows keep int8pack.
+  Inductor's AVX2 code loads int8 (and int32) vectors through a scalar copy (ATen's
+  Vectorized<int8_t>::loadu with a count), so there the same loop takes 636-692 us against
+  106-130 us for int8pack. Its float loads are plain vector loads, though, so on AVX2 one row
+  reads the codes as float32 words (COMPILED_ONE_ROW = "words", `one_row_words`: a view of
+  the same bytes, bit-cast to int32 in registers, 4 codes per word split off by shifts): on an
+  AVX2-only EPYC (Zen 3, 23.4 GB/s read) 64.5 us (13.7 GB/s) against 112 us for int8pack, and
+  the 49152x576 head 1.90 against 3.51 ms. Both loops compute the same function as int8pack.
 - other devices (CUDA): F.linear(x, q.to(x.dtype)) * s, as gpt-fast does; under torch.compile
   Inductor fuses the dequantisation into the matmul. (Not measured here: no GPU.)
 
@@ -46,6 +51,7 @@ adding at most s/2 per weight. The result equals quantize_weight of the dequanti
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -57,10 +63,10 @@ import torch.nn.functional as F
 from model.gguf import hf_name, iter_hf_tensors, unpermute_rotary
 
 SCALE_DTYPE = torch.bfloat16
-# Compiled decoding of one row: a multiply-sum, which Inductor's AVX-512 code turns into one loop
-# converting the int8 codes near memory bandwidth; its AVX2 code converts them element by element
-# (see the module docstring), so elsewhere int8pack stays. Inductor follows ATen's capability.
-COMPILED_MULTIPLY_SUM = torch.backends.cpu.get_cpu_capability() == "AVX512"
+# Compiled decoding of one row, by ATen's CPU capability (which Inductor's C++ follows; see the
+# module docstring): "multiply-sum" over the int8 codes on AVX-512, "words" (the codes read 4 per
+# 32-bit word) on AVX2, where Inductor's int8 loads go element by element; None: int8pack.
+COMPILED_ONE_ROW = {"AVX512": "multiply-sum", "AVX2": "words"}.get(torch.backends.cpu.get_cpu_capability())
 INT8PACK_MAX_ROWS = 8  # measured crossover: int8pack beats fp32 GEMM at 1-4 rows, loses from 16
 _CHUNK_ROWS = 4096     # rows quantised at a time: bounds the float temporaries of a big tensor
 
@@ -127,6 +133,24 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", weight.q)
         self.register_buffer("scales", weight.s)
         self.bias = bias
+        self._alias_words()
+
+    def _alias_words(self):
+        """`words`: the codes' bytes seen as float32 [N, K/4] (no copy; see one_row_words), a
+        non-persistent buffer, so a compiled step receives a float32 tensor, whose loads
+        Inductor's AVX2 code vectorises (its int8 and int32 loads go through a scalar copy)."""
+        self._buffers.pop("words", None)
+        q = self.weight
+        if self.in_features % 4 == 0 and q.is_contiguous() and q.dtype == torch.int8 and sys.byteorder == "little":
+            self.register_buffer("words", q.view(torch.float32), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # `words` is a view of `weight`, not a tensor of its own: moving or casting the module
+        # must not copy (or round) it apart, so it is dropped and made again from the new weight
+        self._buffers.pop("words", None)
+        out = super()._apply(fn, recurse)
+        self._alias_words()
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -138,13 +162,16 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def _cpu(self, rows: torch.Tensor) -> torch.Tensor:
-        """bf16(bf16(rows) @ (q*s)^T) [M,N]: int8pack for few rows (one row compiled on AVX-512:
-        a multiply-sum), one fp32 GEMM for many."""
+        """bf16(bf16(rows) @ (q*s)^T) [M,N]: int8pack for few rows (one row compiled: a loop of
+        Inductor's, COMPILED_ONE_ROW), one fp32 GEMM for many."""
         rows = rows.to(torch.bfloat16)
-        if rows.shape[0] == 1 and COMPILED_MULTIPLY_SUM and torch.compiler.is_compiling():
+        if rows.shape[0] == 1 and torch.compiler.is_compiling():
             # Inductor's own loop over the codes (eagerly this would build a float [1,N,K])
-            y = (rows.float()[:, None, :] * self.weight.float()).sum(-1) * self.scales.float()
-            return y.to(torch.bfloat16)
+            if COMPILED_ONE_ROW == "multiply-sum":
+                y = (rows.float()[:, None, :] * self.weight.float()).sum(-1) * self.scales.float()
+                return y.to(torch.bfloat16)
+            if COMPILED_ONE_ROW == "words" and "words" in self._buffers:
+                return one_row_words(rows, self.words, self.scales)
         if rows.shape[0] <= INT8PACK_MAX_ROWS:
             return torch._weight_int8pack_mm(rows, self.weight, self.scales)
         weight = Int8Weight(self.weight, self.scales).dequantize()
@@ -152,6 +179,26 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def one_row_words(row: torch.Tensor, words: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """bf16(row @ (q*s)^T) [M,N] for bf16 rows [M,K] (decoding: M = 1), from the codes q [N,K]
+    as float32 words [N,K/4] (4 codes per word, code 4j+i in byte i: little-endian, as x86 is).
+
+    Each word is bit-cast back to int32 in registers, and code i is its byte i sign-extended,
+    (w << (24 - 8i)) >> 24: one contiguous 8-lane load gives Inductor 32 codes. The row is split
+    the same way, x_i[j] = row[4j + i] (a [4, K/4] copy of 576 floats), so
+        y = s * sum_j sum_i x_i[j] * code_i[j]
+    which is row @ q^T summed in another order (fp32 throughout). Meant for Inductor: eagerly
+    it builds [M, N, K/4] floats."""
+    codes = words.view(torch.int32)
+    parts = row.float().view(len(row), -1, 4).permute(0, 2, 1).contiguous()  # [M, 4, K/4]
+    total = None
+    for i in range(4):
+        code = (codes << (24 - 8 * i) if i < 3 else codes) >> 24  # byte i, sign-extended
+        term = parts[:, None, i, :] * code.float()  # [M, N, K/4]
+        total = term if total is None else total + term
+    return (total.sum(-1) * scales.float()).to(torch.bfloat16)
 
 
 class Int8Embedding(nn.Module):

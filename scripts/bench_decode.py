@@ -46,9 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch  # noqa: E402
 
-from model.quantize import COMPILED_MULTIPLY_SUM  # noqa: E402
+from model.quantize import COMPILED_ONE_ROW  # noqa: E402
 from scripts.bench_generate import chat_prompts, first_difference  # noqa: E402
-from scripts.benchmarking import first_and_best, hf_copy, run_side  # noqa: E402
+from scripts.benchmarking import first_and_best, hf_copy, run_side, weight_bytes_per_step  # noqa: E402
 
 OURS = ("fp32", "fp32-compiled", "int8", "int8-compiled", "int4", "int4-compiled")
 SIDES = ("transformers",) + OURS + ("llama.cpp",)
@@ -117,20 +117,6 @@ def gguf_tensor_bytes(path) -> int:
     return sum(t.nbytes for t in GGUFFile(path).tensors.values())
 
 
-def weight_bytes_per_step(model) -> int:
-    """Bytes of weights one decoding step reads: every linear layer's weight (int8 or int4 codes
-    and their scales, or floats) and the norms; the embedding only when it is the head's tensor
-    (a float embedding beside a quantised or untied head gives one row per token)."""
-    seen, total = set(), 0
-    head = getattr(model.lm_head, "weight", None)
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if tensor.data_ptr() in seen or name == "model.embed_tokens.weight" and tensor is not head:
-            continue
-        seen.add(tensor.data_ptr())
-        total += tensor.numel() * tensor.element_size()
-    return total
-
-
 def read_bandwidth(mib: int = 512, repeats: int = 10) -> float:
     """Bytes/s of the best of `repeats` sums over a fresh fp32 tensor of `mib` MiB."""
     x = torch.ones(mib * 2**20 // 4)
@@ -189,7 +175,6 @@ def agreement(ours: list[list[int]], reference: list[list[int]]) -> float:
 def report(batch: int, results: dict, bandwidth: float, new_tokens: int) -> str | None:
     """Print one batch's table; -> an error line if an fp32 side's tokens differ from transformers'."""
     reference = results.get("transformers")
-    ref_weights = next((r["weight_bytes"] for s, r in results.items() if s.startswith("fp32")), None)
     error = None
     print(f"\nbatch {batch}, {new_tokens} new tokens")
     print(f"{'side':<15}{'tokens/s':>9}{'vs HF':>7}{'first call s':>13}{'MB/step':>9}{'limit tok/s':>12}"
@@ -197,8 +182,8 @@ def report(batch: int, results: dict, bandwidth: float, new_tokens: int) -> str 
     for side, r in results.items():
         tokens_per_s = batch * new_tokens / r["seconds"]
         ratio = f"{reference['seconds'] / r['seconds']:.2f}x" if reference else "-"
-        weights = r.get("weight_bytes", ref_weights)
-        limit = batch * bandwidth / weights if weights else float("nan")
+        weights = r["weight_bytes"]
+        limit = batch * bandwidth / weights
         first = f"{r['first']:.1f}" if "first" in r else "-"
         if side == "transformers":
             tokens = "reference"
@@ -211,7 +196,7 @@ def report(batch: int, results: dict, bandwidth: float, new_tokens: int) -> str 
                 error = f"batch {batch} {side}: tokens differ from transformers at row {diff[0]}, step {diff[1]}"
         else:
             tokens = f"{agreement(r['out'], reference['out']):.1%} agree (before the first difference)"
-        print(f"{side:<15}{tokens_per_s:>9.1f}{ratio:>7}{first:>13}{weights / 1e6 if weights else 0:>9.0f}"
+        print(f"{side:<15}{tokens_per_s:>9.1f}{ratio:>7}{first:>13}{weights / 1e6:>9.0f}"
               f"{limit:>12.1f}{tokens_per_s / limit:>9.2f}  {tokens}")
     return error
 
@@ -237,7 +222,7 @@ def main(argv=None):
           f"{torch.get_num_threads()} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the start; CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, so compiled int8 batch-1 layers use "
-          f"{'a multiply-sum' if COMPILED_MULTIPLY_SUM else 'int8pack'} (model/quantize.py)")
+          f"{COMPILED_ONE_ROW or 'int8pack'} (model/quantize.py, COMPILED_ONE_ROW)")
     errors = []
     with hf_copy(source) as folder:
         for batch in args.batch:

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch  # noqa: E402
 
-from scripts.benchmarking import best_time, hf_copy, peak_memory_mib, reset_peak_memory, run_side  # noqa: E402
+from scripts.benchmarking import (  # noqa: E402
+    best_time, hf_copy, peak_memory_mib, reset_peak_memory, run_side, weight_bytes_per_step)
 
 PROMPTS = [
     "What is the capital of France?",
@@ -93,7 +94,7 @@ def side_main(args) -> dict:
         reset_peak_memory(args.device)
         seconds, out = best_time(hf_generate, args.repeats, args.device)
     return {"seconds": seconds, "tokens": args.batch * args.new_tokens, "peak_mib": peak_memory_mib(args.device),
-            "out": out}
+            "out": out, "weight_bytes": weight_bytes_per_step(model)}
 
 
 def main(argv=None):

@@ -13,14 +13,23 @@ one process. Bytes/s counts the weight bytes read (int8 or fp32).
     int8pack bf16 / fp32       torch._weight_int8pack_mm with bf16 or fp32 activations
     int8 dequant + linear      F.linear(x, q.float()) * s, eager and compiled
     int8 mul-sum compiled      (x * q.float()).sum(-1) * s under torch.compile
+    int8 words compiled        the codes read 4 per float32 word (model.quantize.one_row_words,
+                               compiled with the decoding step's options: its AVX2 path)
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from model.generate import DECODE_COMPILE_OPTIONS  # noqa: E402
+from model.quantize import one_row_words  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -45,7 +54,12 @@ def candidates(weights, codes, scales):
     def int8_mul_sum(x, qs, ss):
         return [(x[:, None, :] * q.float()).sum(-1) * s for q, s in zip(qs, ss)]
 
+    def int8_words(x, ws, ss):
+        return [one_row_words(x.bfloat16(), w, s) for w, s in zip(ws, ss)]
+
     mul_sum_c, dequant_c, int8_c = torch.compile(mul_sum), torch.compile(dequant_linear), torch.compile(int8_mul_sum)
+    words_c = torch.compile(int8_words, options=DECODE_COMPILE_OPTIONS)
+    words = [q.view(torch.float32) for q in codes]
     return {
         "fp32 F.linear": (lambda x: [F.linear(x, w) for w in weights], 4),
         "fp32 mul-sum compiled": (lambda x: mul_sum_c(x, weights), 4),
@@ -55,6 +69,7 @@ def candidates(weights, codes, scales):
         "int8 dequant + linear": (lambda x: dequant_linear(x, codes, scales), 1),
         "int8 dequant + linear compiled": (lambda x: dequant_c(x, codes, scales), 1),
         "int8 mul-sum compiled": (lambda x: int8_c(x, codes, scales), 1),
+        "int8 words compiled": (lambda x: words_c(x, words, bf16_scales), 1),
     }
 
 

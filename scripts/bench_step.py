@@ -307,7 +307,8 @@ def stream_bandwidth(device: str) -> tuple[float, str]:
 
 
 def decode_main(args) -> list[dict]:
-    from scripts.bench_decode import agreement, weight_bytes_per_step
+    from scripts.bench_decode import agreement
+    from scripts.benchmarking import weight_bytes_per_step
     config = model_config(args)
     sides = [s for s in DECODE_SIDES if s in args.sides.split(",")]
     model = random_llama(config, args.device, DTYPES[args.precision], args.seed).eval()

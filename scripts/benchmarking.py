@@ -76,3 +76,18 @@ def run_side(script: str, side: str, folder: Path, flags: list[str]) -> dict:
     if done.returncode != 0:
         sys.exit(f"{side} side failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of weights one decoding step reads, of our model or a transformers one (the same
+    names): every linear layer's weight (int8 or int4 codes and their scales, or floats) and the
+    norms; the embedding only when it is the head's tensor (a float embedding beside a quantised
+    or untied head gives one row per token)."""
+    seen, total = set(), 0
+    head = getattr(model.lm_head, "weight", None)
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.data_ptr() in seen or name == "model.embed_tokens.weight" and tensor is not head:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total

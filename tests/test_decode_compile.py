@@ -46,9 +46,10 @@ def test_compiled_quantised_decoding_equals_eager(quantize, monkeypatch):
     eager = generate(model, prompts()[:2], s)
     assert len({tuple(row) for row in eager}) > 1
     assert generate(model, prompts()[:2], s, compile=True) == eager
-    if quantize is quantize_int8:  # one row: the multiply-sum path (forced, so on any CPU)
-        monkeypatch.setattr(model_quantize, "COMPILED_MULTIPLY_SUM", True)
-        assert generate(model, prompts()[:1], s, compile=True) == generate(model, prompts()[:1], s)
+    if quantize is quantize_int8:  # one row: Inductor's loops (forced, so each runs on any CPU)
+        for path in ("multiply-sum", "words"):
+            monkeypatch.setattr(model_quantize, "COMPILED_ONE_ROW", path)
+            assert generate(model, prompts()[:1], s, compile=True) == generate(model, prompts()[:1], s)
 
 
 @pytest.mark.slow

@@ -83,10 +83,12 @@ def test_both_cpu_kernels_compute_the_same_function():
 
 
 @pytest.mark.slow
-def test_one_compiled_row_is_a_multiply_sum_computing_the_same_function(monkeypatch):
-    """Compiled, one row takes Inductor's multiply-sum instead of int8pack (forced here, so the
-    path is checked on any CPU) and still computes bf16(bf16(x) @ (q*s)^T) + bias."""
-    monkeypatch.setattr(quantize, "COMPILED_MULTIPLY_SUM", True)
+@pytest.mark.parametrize("path", ["multiply-sum", "words"])
+def test_one_compiled_row_is_a_loop_of_inductors_computing_the_same_function(monkeypatch, path):
+    """Compiled, one row takes Inductor's own loop instead of int8pack: a multiply-sum over the
+    codes (AVX-512) or over the codes read 4 per 32-bit word (AVX2); forced here, so each path
+    is checked on any CPU. Both still compute bf16(bf16(x) @ (q*s)^T) + bias."""
+    monkeypatch.setattr(quantize, "COMPILED_ONE_ROW", path)
     q, bias = quantize_weight(outlier_weights()), torch.randn(48) * 0.1
     layer = Int8Linear(q, torch.nn.Parameter(bias))
     graphs = []
@@ -102,6 +104,25 @@ def test_one_compiled_row_is_a_multiply_sum_computing_the_same_function(monkeypa
     torch.testing.assert_close(got, want, rtol=2 ** -7, atol=1e-4)
     inductor = torch.compile(layer, fullgraph=True, options=DECODE_COMPILE_OPTIONS)(x)[0]
     torch.testing.assert_close(inductor, want, rtol=2 ** -7, atol=1e-4)
+
+
+def test_the_words_view_stays_the_codes_through_casts_moves_and_loads(monkeypatch):
+    """`words` (the codes as float32 words, for the AVX2 loop) is a view of `weight`: a module
+    cast to bf16 must not round it, a state dict loaded in place must show through it, and a
+    layer whose K is not a multiple of 4 has none (int8pack then)."""
+    layer = Int8Linear(quantize_weight(outlier_weights()))
+    layer.to(torch.bfloat16)
+    assert layer.words.dtype == torch.float32 and layer.words.data_ptr() == layer.weight.data_ptr()
+    assert torch.equal(layer.words.view(torch.int8), layer.weight)
+    other = quantize_weight(outlier_weights() * 2 + 1)
+    layer.load_state_dict({"weight": other.q, "scales": other.s})
+    assert torch.equal(layer.words.view(torch.int8), other.q) and "words" not in layer.state_dict()
+    monkeypatch.setattr(quantize, "COMPILED_ONE_ROW", "words")
+    odd = Int8Linear(quantize_weight(torch.randn(8, 6)))
+    assert "words" not in odd._buffers
+    x = torch.randn(1, 6)
+    want = torch._weight_int8pack_mm(x.bfloat16(), odd.weight, odd.scales)
+    assert torch.equal(torch.compile(odd, fullgraph=True)(x), want.float())
 
 
 def test_quantize_int8_model_ties_embedding_to_head_codes_and_refuses_lora():
