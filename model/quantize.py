@@ -30,12 +30,13 @@ reads a quarter of fp32's bytes. Which matmul reads int8 fast depends on the dev
   Alone it also wins at 2 and 4 rows (56 vs 103 us, 109 vs 152), but inside the batch-4 step it
   made a step 9x slower (293 vs 31 ms), so several rows keep int8pack.
   Inductor's AVX2 code loads int8 (and int32) vectors through a scalar copy (ATen's
-  Vectorized<int8_t>::loadu with a count), so there the same loop takes 636-692 us against
+  Vectorized<int8_t>::loadu with a count), so there the same loop takes 391-692 us against
   106-130 us for int8pack. Its float loads are plain vector loads, though, so on AVX2 one row
   reads the codes as float32 words (COMPILED_ONE_ROW = "words", `one_row_words`: a view of
   the same bytes, bit-cast to int32 in registers, 4 codes per word split off by shifts): on an
-  AVX2-only EPYC (Zen 3, 23.4 GB/s read) 64.5 us (13.7 GB/s) against 112 us for int8pack, and
-  the 49152x576 head 1.90 against 3.51 ms. Both loops compute the same function as int8pack.
+  AVX2-only EPYC (Zen 3, 23.4 GB/s read) 64-71 us (12-14 GB/s) against 108-112 us for
+  int8pack (`python scripts/bench_int8.py`), and the 49152x576 head 1.90 against 3.51 ms.
+  Bytes are not floats here: the words are only loaded and bit-cast, never computed on. Both loops compute the same function as int8pack.
 - other devices (CUDA): F.linear(x, q.to(x.dtype)) * s, as gpt-fast does; under torch.compile
   Inductor fuses the dequantisation into the matmul. (Not measured here: no GPU.)
 

@@ -43,6 +43,7 @@ from kernels import IGNORE_INDEX
 from model.checkpoint import export_trained
 from model.lora import LoRAConfig, lora_modules
 from train import distributed, runlock
+from train.cpu_heap import keep_freed_memory
 from train.checkpointing import CheckpointManager, frozen_fingerprint, rng_state, set_rng_state
 from train.config import TrainConfig, config_hash, hashed_fields, save_config
 from train.errors import TrainError, TrainingDiverged, writing
@@ -70,6 +71,8 @@ class Trainer:
         self.config = config
         self.train_loader, self.eval_loader, self.tokenizer = train_loader, eval_loader, tokenizer
         self.dist = dist_info or distributed.init()
+        if self.dist.device.type == "cpu":
+            keep_freed_memory()  # each step reuses the last one's pages (train/cpu_heap.py)
         self.out_dir = Path(config.out_dir)
         self.lm_config = model.config
         self.lora = lora
