@@ -69,6 +69,11 @@ SCALE_DTYPE = torch.bfloat16
 # 32-bit word) on AVX2, where Inductor's int8 loads go element by element; None: int8pack.
 COMPILED_ONE_ROW = {"AVX512": "multiply-sum", "AVX2": "words"}.get(torch.backends.cpu.get_cpu_capability())
 INT8PACK_MAX_ROWS = 8  # measured crossover: int8pack beats fp32 GEMM at 1-4 rows, loses from 16
+# int8pack's CPU kernel reads K in vector steps without a tail: on the AVX2 EPYC (torch 2.13) it
+# returned inf or garbage at K = 6, 10, 12, ... and crashed at K = 4, and was right at every
+# multiple of 8 (N 1-100, 1-8 rows); AVX-512 runs were checked at K = 96, 576, 1536. Other K
+# take the dequantised fp32 GEMM (correct, slower); every real model's K is a multiple of 32.
+INT8PACK_K_MULTIPLE = 32
 _CHUNK_ROWS = 4096     # rows quantised at a time: bounds the float temporaries of a big tensor
 
 
@@ -164,7 +169,7 @@ class Int8Linear(nn.Module):
 
     def _cpu(self, rows: torch.Tensor) -> torch.Tensor:
         """bf16(bf16(rows) @ (q*s)^T) [M,N]: int8pack for few rows (one row compiled: a loop of
-        Inductor's, COMPILED_ONE_ROW), one fp32 GEMM for many."""
+        Inductor's, COMPILED_ONE_ROW), one fp32 GEMM for many rows or a K int8pack gets wrong."""
         rows = rows.to(torch.bfloat16)
         if rows.shape[0] == 1 and torch.compiler.is_compiling():
             # Inductor's own loop over the codes (eagerly this would build a float [1,N,K])
@@ -173,7 +178,7 @@ class Int8Linear(nn.Module):
                 return y.to(torch.bfloat16)
             if COMPILED_ONE_ROW == "words" and "words" in self._buffers:
                 return one_row_words(rows, self.words, self.scales)
-        if rows.shape[0] <= INT8PACK_MAX_ROWS:
+        if rows.shape[0] <= INT8PACK_MAX_ROWS and self.in_features % INT8PACK_K_MULTIPLE == 0:
             return torch._weight_int8pack_mm(rows, self.weight, self.scales)
         weight = Int8Weight(self.weight, self.scales).dequantize()
         return F.linear(rows.float(), weight).to(torch.bfloat16)

@@ -120,9 +120,21 @@ def test_the_words_view_stays_the_codes_through_casts_moves_and_loads(monkeypatc
     monkeypatch.setattr(quantize, "COMPILED_ONE_ROW", "words")
     odd = Int8Linear(quantize_weight(torch.randn(8, 6)))
     assert "words" not in odd._buffers
-    x = torch.randn(1, 6)
-    want = torch._weight_int8pack_mm(x.bfloat16(), odd.weight, odd.scales)
-    assert torch.equal(torch.compile(odd, fullgraph=True)(x), want.float())
+
+
+@pytest.mark.parametrize("k", [4, 6, 10, 40, 96])
+def test_every_in_features_gives_the_right_numbers(k):
+    """int8pack's CPU kernel returns garbage (or crashes) for K it has no tail for (K = 6, 10:
+    inf; K = 4: a segfault, on torch 2.13's AVX2 code): Int8Linear keeps it to K that are
+    multiples of INT8PACK_K_MULTIPLE, eager and compiled, 1 row and several."""
+    torch._dynamo.reset()  # a graph per K and row count: the parameters would pass the recompile limit
+    layer = Int8Linear(quantize_weight(torch.randn(8, k, generator=torch.Generator().manual_seed(k))))
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(1))
+    want = (x.bfloat16().float() @ Int8Weight(layer.weight, layer.scales).dequantize().T).bfloat16().float()
+    compiled = torch.compile(layer, fullgraph=True, options=DECODE_COMPILE_OPTIONS)
+    for rows in (x[:1], x):
+        for got in (layer(rows), compiled(rows)):
+            torch.testing.assert_close(got, want[: len(rows)], rtol=2 ** -7, atol=1e-4)
 
 
 def test_quantize_int8_model_ties_embedding_to_head_codes_and_refuses_lora():
