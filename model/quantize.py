@@ -36,7 +36,8 @@ reads a quarter of fp32's bytes. Which matmul reads int8 fast depends on the dev
   the same bytes, bit-cast to int32 in registers, 4 codes per word split off by shifts): on an
   AVX2-only EPYC (Zen 3, 23.4 GB/s read) 64-71 us (12-14 GB/s) against 108-112 us for
   int8pack (`python scripts/bench_int8.py`), and the 49152x576 head 1.90 against 3.51 ms.
-  Bytes are not floats here: the words are only loaded and bit-cast, never computed on. Both loops compute the same function as int8pack.
+  The words are only loaded and bit-cast, never computed on as floats. Both loops compute the
+  same function as int8pack.
 - other devices (CUDA): F.linear(x, q.to(x.dtype)) * s, as gpt-fast does; under torch.compile
   Inductor fuses the dequantisation into the matmul. (Not measured here: no GPU.)
 
@@ -145,7 +146,6 @@ class Int8Linear(nn.Module):
         """`words`: the codes' bytes seen as float32 [N, K/4] (no copy; see one_row_words), a
         non-persistent buffer, so a compiled step receives a float32 tensor, whose loads
         Inductor's AVX2 code vectorises (its int8 and int32 loads go through a scalar copy)."""
-        self._buffers.pop("words", None)
         q = self.weight
         if self.in_features % 4 == 0 and q.is_contiguous() and q.dtype == torch.int8 and sys.byteorder == "little":
             self.register_buffer("words", q.view(torch.float32), persistent=False)

@@ -59,8 +59,7 @@ def candidates(weights, codes, scales):
 
     mul_sum_c, dequant_c, int8_c = torch.compile(mul_sum), torch.compile(dequant_linear), torch.compile(int8_mul_sum)
     words_c = torch.compile(int8_words, options=DECODE_COMPILE_OPTIONS)
-    words = [q.view(torch.float32) for q in codes]
-    return {
+    fns = {
         "fp32 F.linear": (lambda x: [F.linear(x, w) for w in weights], 4),
         "fp32 mul-sum compiled": (lambda x: mul_sum_c(x, weights), 4),
         "int8pack bf16": (lambda x: [torch._weight_int8pack_mm(x.bfloat16(), q, s)
@@ -69,8 +68,11 @@ def candidates(weights, codes, scales):
         "int8 dequant + linear": (lambda x: dequant_linear(x, codes, scales), 1),
         "int8 dequant + linear compiled": (lambda x: dequant_c(x, codes, scales), 1),
         "int8 mul-sum compiled": (lambda x: int8_c(x, codes, scales), 1),
-        "int8 words compiled": (lambda x: words_c(x, words, bf16_scales), 1),
     }
+    if codes[0].shape[1] % 4 == 0:  # 4 codes per word (Int8Linear has no words otherwise)
+        words = [q.view(torch.float32) for q in codes]
+        fns["int8 words compiled"] = (lambda x: words_c(x, words, bf16_scales), 1)
+    return fns
 
 
 def best_seconds(fns: dict, x, repeats: int) -> dict:
