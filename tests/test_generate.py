@@ -59,6 +59,20 @@ def test_slot_step_over_the_whole_cache_equals_recomputation(monkeypatch):
     assert generate(model, [prompts()[2]], s, compile=True)[0] == greedy_by_recomputation(model, prompts()[2], 12)
 
 
+def test_the_head_computes_one_row_per_prompt_and_step():
+    """Only the last position's logits are read, so the prefill gives the head one row per
+    prompt (not all P), and each decoding step one; the tokens stay those of recomputation."""
+    model = tiny_model()
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1]))
+    try:
+        got = generate(model, prompts(), Sampling(max_new_tokens=5, stop_ids=[]))
+    finally:
+        hook.remove()
+    assert rows == [(4, 1)] * 5
+    assert got[1] == greedy_by_recomputation(model, prompts()[1], 5)
+
+
 def test_a_decoding_step_builds_no_mask():
     key_mask = torch.tensor([[False, True, True, True, False], [True] * 5])
     assert attention_mask(1, 4, None, "cpu") is None  # no padding: no mask at all
