@@ -17,9 +17,12 @@ reads a quarter of fp32's bytes. Which matmul reads int8 fast depends on the dev
       int8 dequantise + F.linear 336 / 1441 (eager), 1323 / 1700 (compiled),
       int8 multiply-sum compiled (Inductor's C++ loop, int8 loads) 636 / 2904.
   int8pack with bf16 activations is the only int8 candidate faster than fp32 (4.2x at 1 row),
-  so it runs up to INT8PACK_MAX_ROWS rows (decoding). Its kernel is a matrix-vector loop, slower
-  than an fp32 GEMM from ~16 rows, so longer inputs (prefill, scoring) use the dequantised
-  weight in one fp32 GEMM. Both compute the same function, y = bf16(bf16(x) @ (q*s)^T), up to
+  so it runs up to INT8PACK_MAX_ROWS rows (decoding, a chat prompt's prefill). Its kernel is a
+  matrix-vector loop, so from ~128 rows the dequantised weight in one fp32 GEMM is faster,
+  dequantisation included, and longer inputs (long prompts, scoring) take that path. On the
+  AVX2 EPYC (1536x576, 30 weights, best of 4, us per layer, dequantise + GEMM / int8pack):
+  8 rows 2676 / 418, 37 rows 5789 / 1378, 64 rows 6799 / 2258, 128 rows 4258 / 4378,
+  256 rows 6360 / 8664 (a noisy afternoon; only the crossover is the point). Both compute the same function, y = bf16(bf16(x) @ (q*s)^T), up to
   fp32 summation order: rounding x and y to bf16 is what the fast kernel does, and the wide
   path does it too, so that scoring measures the numbers decoding produces (it costs the wide
   path up to 3x of an fp32 forward on this CPU).
@@ -69,7 +72,7 @@ SCALE_DTYPE = torch.bfloat16
 # module docstring): "multiply-sum" over the int8 codes on AVX-512, "words" (the codes read 4 per
 # 32-bit word) on AVX2, where Inductor's int8 loads go element by element; None: int8pack.
 COMPILED_ONE_ROW = {"AVX512": "multiply-sum", "AVX2": "words"}.get(torch.backends.cpu.get_cpu_capability())
-INT8PACK_MAX_ROWS = 8  # measured crossover: int8pack beats fp32 GEMM at 1-4 rows, loses from 16
+INT8PACK_MAX_ROWS = 64  # int8pack up to here; the dequantised fp32 GEMM wins from ~128 rows
 # int8pack's CPU kernel reads K in vector steps without a tail: on the AVX2 EPYC (torch 2.13) it
 # returned inf or garbage at K = 6, 10, 12, ... and crashed at K = 4, and was right at every
 # multiple of 8 (N 1-100, 1-8 rows); AVX-512 runs were checked at K = 96, 576, 1536. Other K
