@@ -22,10 +22,12 @@ reads a quarter of fp32's bytes. Which matmul reads int8 fast depends on the dev
   dequantisation included, and longer inputs (long prompts, scoring) take that path. On the
   AVX2 EPYC (1536x576, 30 weights, best of 4, us per layer, dequantise + GEMM / int8pack):
   8 rows 2676 / 418, 37 rows 5789 / 1378, 64 rows 6799 / 2258, 128 rows 4258 / 4378,
-  256 rows 6360 / 8664 (a noisy afternoon; only the crossover is the point). Both compute the same function, y = bf16(bf16(x) @ (q*s)^T), up to
-  fp32 summation order: rounding x and y to bf16 is what the fast kernel does, and the wide
-  path does it too, so that scoring measures the numbers decoding produces (it costs the wide
-  path up to 3x of an fp32 forward on this CPU).
+  256 rows 6360 / 8664 (a noisy afternoon; only the crossover is the point). Both compute the
+  same function, y = bf16(bf16(x) @ (q*s)^T), up to fp32 summation order: rounding x and y to
+  bf16 is what the fast kernel does, and the wide path does it too, so that scoring measures
+  the numbers decoding produces (it costs the wide path up to 3x of an fp32 forward on this
+  CPU). int8pack's results at 9-64 rows (K = 32, 64, 96, 576; N 1-100) were checked on the
+  AVX2 EPYC: within bf16 rounding of the fp32 product.
   Inside the compiled decoding step, one row on an AVX-512 CPU is a multiply-sum over the codes
   instead (COMPILED_ONE_ROW = "multiply-sum"): Inductor writes it as one loop that converts 32
   codes at a time. On the AVX512-BF16 EPYC (torch 2.13, the shape above, 30 weights, best of
