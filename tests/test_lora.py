@@ -223,6 +223,37 @@ def test_lora_update_equals_the_autograd_definition_with_and_without_dropout():
     assert torch.all(dx[~keep] == 0) and torch.all(dx[keep] != 0)  # dropped inputs get no gradient
 
 
+def test_lora_update_owning_the_frozen_product_equals_autograd_of_the_whole_layer():
+    # weight= mode: LoRAUpdate computes x W^T + bias itself and accumulates g W into dx's
+    # buffer; every gradient must equal autograd of the plain definition, for a frozen W and bias.
+    for p in (0.0, 0.3):
+        x, A, B, keep, drops = _lora_inputs(p)
+        g = torch.Generator().manual_seed(7)
+        W, bias = torch.randn(7, 12, generator=g), torch.randn(7, generator=g)
+        grad = torch.randn(2, 5, 7, generator=g)
+        ours = LoRAUpdate.apply(x, A, B, drops, 2.0, p, None, W, bias)
+        ref = x @ W.t() + bias + lora_update_reference(x, A, B, keep, 2.0, p)
+        assert torch.allclose(ours, ref, atol=1e-6)
+        for name, a, b in zip("xAB", torch.autograd.grad(ours, (x, A, B), grad),
+                              torch.autograd.grad(ref, (x, A, B), grad)):
+            assert torch.allclose(a, b, atol=1e-5), (p, name)
+    # A LoRALinear with a frozen base takes this path, and its dx still holds the frozen part
+    layer = LoRALinear(torch.nn.Linear(12, 7), r=3, alpha=6, dropout=0.3).train()
+    layer.weight.requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 12, requires_grad=True)
+    torch.manual_seed(2)
+    out = layer(x)
+    assert out.grad_fn.name().startswith("LoRAUpdate")
+    torch.manual_seed(2)
+    keep = keep_mask(dropout_drops(x, 0.3), x.shape)
+    ref = x @ layer.weight.t() + layer.bias + lora_update_reference(x, layer.lora_A, layer.lora_B, keep, 2.0, 0.3)
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert torch.allclose(torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0], atol=1e-5)
+
+
 def test_lora_layers_reading_one_input_save_it_once_with_their_dropped_positions():
     # q, k and v read the same x: autograd must keep x once, plus the dropped positions (int32)
     # and the [N, r] product per layer (the frozen base matmul saves only its weight). The plain
