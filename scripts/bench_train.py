@@ -96,7 +96,7 @@ def ours(args, dtype: str, compile_: bool) -> dict:
         result = timed_steps(lambda: trainer.train_step()["loss"], args)
         result.update(peak_mib=peak_memory_mib(args.device), params=n_params, plan=trainer.plan.describe())
         if args.profile:
-            result["profile"] = profile(trainer.train_step, args.profile)
+            result["profile"] = profile(trainer.train_step, args.profile, args.device)
         return result
 
 
@@ -155,22 +155,26 @@ def timed_steps(step, args) -> dict:
     return {"seconds": min(walls), "cpu": min(cpus), "first": first, "loss": loss, "first_loss": first_loss}
 
 
-def profile(step, top: int) -> str:
+def profile(step, top: int, device: str = "cpu") -> str:
     """The `top` costliest ATen ops of one step by wall time, with their call counts and the
     matmuls' total: each op timed around its own dispatch (a TorchDispatchMode; ~10 us of Python
     per op on top). Not torch.profiler: on the 2-core CPU boxes it inflated elementwise ops 3-5x
     (a 6 MB SwiGLU multiply: 6.5 ms profiled, 0.9 ms timed plainly), so its table overstated
-    everything but the matmuls. CPU only: CUDA ops return before they run."""
+    everything but the matmuls. On CUDA each op is synchronised before and after (its launch
+    alone would return at once), which costs the step its overlap: a rough breakdown there."""
     from collections import Counter
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
     seconds, calls = Counter(), Counter()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     class Timed(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            sync()
             start = time.perf_counter()
             out = func(*args, **(kwargs or {}))
+            sync()
             name = func.name()
             seconds[name] += time.perf_counter() - start
             calls[name] += 1
