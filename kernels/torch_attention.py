@@ -150,7 +150,7 @@ def document_attention(q, k, v, segments: torch.Tensor, causal: bool = True) -> 
         return _sdpa_causal_or_not(q, k, v, causal)
     rows = []
     for qb, kb, vb, lens in zip(q.unbind(0), k.unbind(0), v.unbind(0), lengths):  # [H,T,hd] each
-        docs = [_sdpa_causal_or_not(qd[None], kd[None], vd[None], causal)[0]
+        docs = [_sdpa_causal_or_not(qd[None], kd[None], vd[None], causal).squeeze(0)
                 for qd, kd, vd in zip(qb.split(lens, 1), kb.split(lens, 1), vb.split(lens, 1))]
         rows.append(torch.cat([d.transpose(0, 1) for d in docs], 0))  # [T,H,hd]
     return torch.stack(rows).transpose(1, 2)
