@@ -123,10 +123,15 @@ def document_lengths(segments: torch.Tensor) -> list[list[int]]:
 CPU_FP32_BELOW = 320
 
 
+def _fp32_detour(q: torch.Tensor, length: int) -> bool:
+    """Whether CPU attention over documents of up to `length` tokens runs in fp32 (see above)."""
+    return q.device.type == "cpu" and q.dtype != torch.float32 and length < CPU_FP32_BELOW
+
+
 def _sdpa_causal_or_not(q, k, v, causal: bool) -> torch.Tensor:
     """Unmasked SDPA of q[B,H,L,hd], k/v[B,K,L,hd]; short bf16/fp16 sequences on CPU in fp32."""
     gqa = q.shape[1] != k.shape[1]
-    if q.device.type == "cpu" and q.dtype != torch.float32 and q.shape[2] < CPU_FP32_BELOW:
+    if _fp32_detour(q, q.shape[2]):
         # CPU autocast lists SDPA among its bf16 ops and would cast the fp32 inputs straight back.
         with torch.autocast("cpu", enabled=False):
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal, enable_gqa=gqa)
@@ -148,6 +153,18 @@ def document_attention(q, k, v, segments: torch.Tensor, causal: bool = True) -> 
     lengths = document_lengths(segments)
     if all(len(row) == 1 for row in lengths):
         return _sdpa_causal_or_not(q, k, v, causal)
+    if _fp32_detour(q, max(max(row) for row in lengths)):
+        # Every document takes the fp32 detour: cast the block once, not each document's slices
+        # (4 casts per document forward and 4 back: ~15 documents a layer on the main job's
+        # blocks, thousands of small casts per bf16 step). Autocast off: see _sdpa_causal_or_not.
+        with torch.autocast("cpu", enabled=False):
+            return _per_document(q.float(), k.float(), v.float(), lengths, causal).to(q.dtype)
+    return _per_document(q, k, v, lengths, causal)
+
+
+def _per_document(q, k, v, lengths: list[list[int]], causal: bool) -> torch.Tensor:
+    """document_attention's loop: one unmasked SDPA per document (`lengths`: per row, the
+    document lengths in order) -> [B,H,T,hd]."""
     rows = []
     for qb, kb, vb, lens in zip(q.unbind(0), k.unbind(0), v.unbind(0), lengths):  # [H,T,hd] each
         docs = [_sdpa_causal_or_not(qd[None], kd[None], vd[None], causal).squeeze(0)

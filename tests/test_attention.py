@@ -237,6 +237,38 @@ def test_short_bf16_documents_run_in_fp32_under_autocast():
     assert under.dtype == torch.bfloat16 and torch.equal(under, plain)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the fp32 detour for short documents is CPU-only")
+def test_a_block_of_short_bf16_documents_is_cast_once_with_the_same_numbers():
+    """When every document of a bf16 block takes the fp32 detour, q, k, v are cast once for the
+    block and the output once back (4 casts forward, whatever the number of documents), and
+    output and gradients equal the per-document detour's bit for bit (a cast is elementwise)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    (q, k, v), causal, segments, *_ = case_inputs("gqa_docs", torch.bfloat16)
+    lengths = torch_path.document_lengths(segments)
+    assert sum(map(len, lengths)) > 4 and max(map(max, lengths)) < torch_path.CPU_FP32_BELOW
+
+    class Casts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Casts.count += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with Casts():
+        block = torch_path.document_attention(*leaves, segments, causal)
+    assert Casts.count == 4
+    per_doc = [t.clone().requires_grad_() for t in (q, k, v)]  # each document cast on its own
+    reference = torch_path._per_document(*per_doc, lengths, causal)
+    assert block.dtype == torch.bfloat16 and torch.equal(block, reference)
+    grad = randn(*block.shape, dtype=torch.bfloat16, gen=torch.Generator().manual_seed(1))
+    block.backward(grad)
+    reference.backward(grad)
+    for name, a, b in zip("qkv", leaves, per_doc):
+        assert torch.equal(a.grad, b.grad), f"d{name} differs"
+
+
 def test_bad_masks_are_refused():
     (q, k, v), *_ = case_inputs("decode_with_cache", torch.float32)
     with pytest.raises(ValueError, match="segments .* need T == S"):
